@@ -1,0 +1,133 @@
+"""Compose a run's configuration with Hydra and reject bad values before any work."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+_PKG = Path(__file__).resolve().parent
+
+
+def resource_dir(name: str) -> Path:
+    """conf/ or sweeps/: inside the installed package (wheel), else at the repository top."""
+    for d in (_PKG / name, _PKG.parent / name):
+        if d.is_dir():
+            return d
+    raise UserError(f"cannot find the {name}/ folder next to {_PKG}: reinstall fmnist-sweep")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (resource_dir("conf") / group).glob("*.yaml"))
+
+
+def _flat_keys(cfg, prefix="") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, DictConfig):
+            keys += _flat_keys(v, full + ".")
+    return keys
+
+
+def _explain(err: Exception, overrides: list[str]) -> str:
+    """One or two lines for a Hydra composition error, with the closest valid name."""
+    msg = str(err)
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if m:
+        group, option = m.groups()
+        options = group_options(group)
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" Did you mean {group}={close[0]}?" if close else ""
+        return f"unknown {group} option '{option}'. Choose one of: {', '.join(options)}.{hint}"
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        key = m.group(1)
+        try:
+            base = compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
+            close = difflib.get_close_matches(key, _flat_keys(base), n=1)
+        except UserError:
+            close = []
+        hint = f" Did you mean '{close[0]}'?" if close else " Print the valid keys with --cfg."
+        return f"unknown config key '{key}'.{hint}"
+    first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+    return f"bad override: {first}"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The resolved run configuration for these command-line overrides."""
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(resource_dir("conf")), version_base="1.3",
+                                   job_name="fmnist_sweep"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, MissingConfigException, ValueError) as e:
+        raise UserError(_explain(e, overrides)) from None
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # interpolation errors from omegaconf
+        raise UserError(f"cannot resolve the configuration: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _each(v):
+    return list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
+
+
+# key -> (test on the value, what is allowed). Keys absent from a config are skipped.
+RULES = {
+    "optimizer.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.dropouts": (lambda v: all(_number(p) and 0 <= p < 1 for p in _each(v)), "numbers in [0, 1)"),
+    "model.dense_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.latent_dim": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "model.widths": (lambda v: all(isinstance(w, int) and w >= 1 for w in _each(v)), "integers >= 1"),
+    "model.hidden": (lambda v: all(isinstance(w, int) and w >= 1 for w in _each(v)), "integers >= 1"),
+    "model.dense": (lambda v: all(isinstance(w, int) and w >= 1 for w in _each(v)), "integers >= 1"),
+    "model.activation": (lambda v: v in ("tanh", "relu", "gelu", "silu"), "tanh, relu, gelu or silu"),
+    "model.output_activation": (lambda v: v in ("sigmoid", "relu"), "sigmoid or relu"),
+    "trainer.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "trainer.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "trainer.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                       "auto, cpu, cuda or cuda:N"),
+    "trainer.threads": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "auto or an integer >= 1"),
+    "trainer.channels_last": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "trainer.early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1),
+                                        "null or an integer >= 1"),
+    "data.val_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "data.train_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "data.test_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (lambda v: isinstance(v, int), "an integer"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError naming the first bad key and what it allows."""
+    for key, (ok, allowed) in RULES.items():
+        node = OmegaConf.select(cfg, key, default="<absent>")
+        if node == "<absent>":
+            continue
+        value = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+        if not ok(value):
+            raise UserError(f"{key}={value!r} is not allowed: {key} must be {allowed}.")
+    widths, drops = OmegaConf.select(cfg, "model.widths"), OmegaConf.select(cfg, "model.dropouts")
+    if widths is not None and drops is not None and len(widths) != len(drops):
+        raise UserError(f"model.widths has {len(widths)} entries but model.dropouts has {len(drops)}: "
+                        "give one dropout per block.")

@@ -1,0 +1,31 @@
+"""The Keras study's BiLSTM: each image row is one time step."""
+
+from torch import nn
+
+from . import Classifier
+
+
+class BiLSTM(Classifier):
+    """Bidirectional LSTMs (last returns its final states) -> dense ReLU/dropout stack -> linear."""
+
+    def __init__(self, hidden=(256, 128), dense=(256, 128), dropout=0.3, num_classes=10):
+        super().__init__()
+        self.lstms = nn.ModuleList()
+        size = 28
+        for h in hidden:
+            self.lstms.append(nn.LSTM(size, h, batch_first=True, bidirectional=True))
+            size = 2 * h
+        layers = []
+        for d in dense:
+            layers += [nn.Linear(size, d), nn.ReLU(), nn.Dropout(dropout)]
+            size = d
+        self.head = nn.Sequential(*layers, nn.Linear(size, num_classes))
+
+    def logits(self, x):
+        seq = x.flatten(1, 2)
+        for lstm in self.lstms[:-1]:
+            seq, _ = lstm(seq)
+        # Keras' Bidirectional(return_sequences=False) concatenates the forward
+        # direction's last state with the backward direction's final state.
+        _, (h, _) = self.lstms[-1](seq)
+        return self.head(h.transpose(0, 1).flatten(1))

@@ -1,0 +1,113 @@
+"""The MLflow record of a run: one client, batched writes, explicit run states."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+PARAM_LIMIT = 100  # MLflow accepts at most 100 params per log_batch request
+# Fail a trial quickly when a tracking server is down, instead of retrying for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+
+def git_commit() -> str:
+    """The commit of the checkout this package runs from ('unknown' for a wheel)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _local_uri(uri: str) -> str:
+    """Make a relative sqlite:/// path absolute and create its folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = Path(uri[len(prefix):]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+class Tracker:
+    """One MLflow experiment; starts runs and writes them in batches."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.uri = _local_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = Path(artifact_root).expanduser().resolve().as_uri() if artifact_root else None
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                except MlflowException:  # another process created it first
+                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
+        except MlflowException as e:
+            raise UserError(f"MLflow tracking store {self.uri} is not usable: {str(e).splitlines()[0]}. "
+                            "Fix: check tracking.uri / $MLFLOW_TRACKING_URI (is the server up?).") from None
+
+    def start(self, name: str, params: dict, tags: dict, parent_run_id: str | None = None) -> str:
+        from mlflow.entities import Param, RunTag
+
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={k: str(v) for k, v in tags.items()})
+        run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_LIMIT):
+            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT])
+        return run_id
+
+    def log(self, run_id: str, metrics: dict[str, float], step: int | None = None,
+            tags: dict | None = None) -> None:
+        """One request for a whole epoch's metrics (and any tags)."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+
+    def log_artifacts(self, run_id: str, folder: Path) -> None:
+        self.client.log_artifacts(run_id, str(folder))
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+
+def resolve_checkpoint(ref: str | None, tracking_uri: str) -> str | None:
+    """A local state_dict path for ``model.pretrained``: a file path, or the id
+    (or runs:/ID) of an MLflow run that logged model/state_dict.pt."""
+    if ref is None:
+        return None
+    ref = str(ref)
+    if Path(ref).expanduser().is_file():
+        return str(Path(ref).expanduser())
+    run_id = ref.removeprefix("runs:/").split("/")[0]
+    if len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/state_dict.pt",
+                                                       tracking_uri=_local_uri(tracking_uri))
+        except (MlflowException, OSError) as e:
+            raise UserError(f"model.pretrained={ref}: cannot fetch model/state_dict.pt from that MLflow run "
+                            f"({str(e).splitlines()[0]}).") from None
+    raise UserError(f"model.pretrained={ref}: no such file, and not an MLflow run id. "
+                    "Fix: give the path of an autoencoder state_dict.pt or the run id of an autoencoder run.")

@@ -1,0 +1,316 @@
+"""Train one configuration end to end and record it in MLflow. The single-run
+CLI, a study's trial and the tests all come through run()."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shlex
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import data as fmnist
+from .config import validate
+from .errors import UserError
+from .models import count_params
+from .tracking import Tracker, git_commit, resolve_checkpoint
+
+
+@dataclass
+class RunResult:
+    status: str            # MLflow run status: FINISHED, FAILED, or KILLED (pruned / interrupted)
+    run_id: str
+    monitor: str           # the metric model selection uses, e.g. "val/accuracy"
+    best: float | None     # its best value over the epochs
+    metrics: dict = field(default_factory=dict)   # last epoch's metrics, then test/*
+    history: list = field(default_factory=list)   # one dict of metrics per epoch
+    message: str = ""
+
+
+def select_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        if name != "auto":
+            print(f"warning: trainer.device={name} but CUDA is not available here; training on cpu")
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 units, where bf16 autocast is real speed on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def select_precision(setting: str, device: torch.device, model) -> str:
+    if setting != "auto":
+        return setting
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    return "bf16" if fast and getattr(model, "bf16_gain", False) else "fp32"
+
+
+def threads_for(setting) -> int:
+    """Threads for this process: the cores it may run on, unless set."""
+    if setting != "auto":
+        return int(setting)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+_DATA: dict = {}
+
+
+def dataset(cfg_data: DictConfig, device: torch.device) -> fmnist.FashionMNIST:
+    """The splits on the device, kept for the life of the process (a worker's next
+    trial on the same data does not decode again)."""
+    key = (OmegaConf.to_yaml(cfg_data), str(device))
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = fmnist.load(cfg_data, device)
+    return _DATA[key]
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Diverged(Exception):
+    pass
+
+
+def train_epoch(model, optimizer, split, batch_size, generator, autocast, channels_last, on_batch):
+    """One pass over the training split; returns the mean loss (read once, at the end)."""
+    model.train()
+    loss_sum = torch.zeros((), device=split.x.device)
+    for step, (x, y) in enumerate(split.batches(batch_size, generator)):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        if step % 25 == 0:  # a sync every 25 steps: progress display and divergence check
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"training loss became {value} at step {step}")
+            on_batch(step, value)
+        else:
+            on_batch(step, None)
+    mean = loss_sum.item() / len(split)
+    if not math.isfinite(mean):
+        raise Diverged(f"training loss became {mean}")
+    return mean
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=False):
+    """Loss (and accuracy for classifiers) over a split in large no-grad batches."""
+    model.eval()
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    outputs = []
+    for x, y in split.batches(batch_size):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out, loss = model(x, y)
+        loss_sum += loss.float() * len(y)
+        if model.task == "classify":
+            pred = out.argmax(1)
+            correct += (pred == y).sum()
+            if keep_outputs:
+                outputs.append(pred.cpu())
+        elif keep_outputs and not outputs:
+            outputs.append(out.float().cpu())  # the first batch's reconstructions suffice
+    result = {"loss": loss_sum.item() / len(split)}
+    if model.task == "classify":
+        result["accuracy"] = correct.item() / len(split)
+    if keep_outputs:
+        result["outputs"] = torch.cat(outputs).numpy()
+    return result
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+
+
+def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
+        tags: dict | None = None) -> RunResult:
+    """Train ``cfg`` and record it as one MLflow run.
+
+    ``report(epoch, value) -> bool`` is called with the monitored validation value
+    after every epoch; returning True stops the run as pruned (status KILLED)."""
+    validate(cfg)
+    t_start = time.perf_counter()
+    tcfg = cfg.trainer
+    torch.set_num_threads(threads_for(tcfg.threads))
+    device = select_device(tcfg.device)
+    data = dataset(cfg.data, device)
+
+    torch.manual_seed(cfg.seed)
+    model_kwargs = {}
+    if "pretrained" in cfg.model:
+        model_kwargs["pretrained"] = resolve_checkpoint(cfg.model.pretrained, cfg.tracking.uri)
+    try:
+        model = instantiate(cfg.model, **model_kwargs)
+        optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
+    except Exception as e:  # hydra wraps bad constructor arguments
+        raise UserError(f"cannot build the model/optimizer: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    precision = select_precision(tcfg.precision, device, model)
+    channels_last = (tcfg.channels_last if tcfg.channels_last != "auto"
+                     else getattr(model, "channels_last_gain", False))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    classify = model.task == "classify"
+    monitor, maximize = ("val/accuracy", True) if classify else ("val/loss", False)
+    override_line = shlex.join(overrides)
+    family = cfg.model._target_.rsplit(".", 2)[-2]
+    run_tags = {
+        "fmnist.model": family, "fmnist.task": model.task, "fmnist.monitor": monitor,
+        "fmnist.overrides": override_line,
+        "fmnist.command": ("python -m fmnist_sweep " + override_line).strip(),
+        "fmnist.device": str(device), "fmnist.precision": precision,
+        "fmnist.channels_last": str(bool(channels_last)), "fmnist.threads": torch.get_num_threads(),
+        "mlflow.source.git.commit": git_commit(), "data.sha256": data.checksum,
+        **(tags or {}),
+    }
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params["model.n_params"] = count_params(model)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    run_id = tracker.start(override_line or "default", params, run_tags, parent_run_id)
+
+    result = RunResult("RUNNING", run_id, monitor, None)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best_state, stale = None, 0
+    n_batches = math.ceil(len(data.train) / tcfg.batch_size)
+    try:
+        with _progress(tcfg.progress) as bar:
+            for epoch in range(1, tcfg.epochs + 1):
+                task = bar.add_task(f"epoch {epoch}/{tcfg.epochs}", total=n_batches, stats="")
+
+                def on_batch(step, loss):
+                    bar.update(task, advance=1, **({"stats": f"loss {loss:.4f}"} if loss is not None else {}))
+
+                t0 = time.perf_counter()
+                train_loss = train_epoch(model, optimizer, data.train, tcfg.batch_size, generator,
+                                         autocast, channels_last, on_batch)
+                train_seconds = time.perf_counter() - t0
+                val = evaluate(model, data.val, tcfg.eval_batch_size, autocast, channels_last)
+                bar.remove_task(task)
+                metrics = {"train/loss": train_loss, "val/loss": val["loss"],
+                           "lr": optimizer.param_groups[0]["lr"],
+                           "perf/images_per_s": len(data.train) / train_seconds,
+                           "perf/epoch_seconds": time.perf_counter() - t0}
+                if classify:
+                    metrics["val/accuracy"] = val["accuracy"]
+                if not math.isfinite(val["loss"]):
+                    raise Diverged(f"validation loss became {val['loss']}")
+                tracker.log(run_id, metrics, step=epoch)
+                result.history.append({"epoch": epoch, **metrics})
+                result.metrics = dict(metrics)
+                value = metrics[monitor]
+                improved = result.best is None or (value > result.best if maximize else value < result.best)
+                if improved:
+                    result.best, stale = value, 0
+                    if tcfg.early_stopping_patience:
+                        best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                if tcfg.progress:
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train", "val")))
+                    bar.console.print(f"epoch {epoch}/{tcfg.epochs}  {shown}  "
+                                      f"{metrics['perf/images_per_s']:,.0f} img/s  "
+                                      f"{metrics['perf/epoch_seconds']:.1f} s", soft_wrap=True)
+                if report is not None and report(epoch, value):
+                    tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
+                    tracker.end(run_id, "KILLED")
+                    result.status, result.message = "KILLED", f"pruned after epoch {epoch}"
+                    return result
+                if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
+                    if tcfg.progress:
+                        bar.console.print(f"early stop: {monitor} has not improved for {stale} epochs")
+                    break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        final = {f"best/{monitor}": result.best, "perf/train_seconds": time.perf_counter() - t_start}
+        split_name = "test" if tcfg.test else "val"
+        ev = evaluate(model, getattr(data, split_name), tcfg.eval_batch_size, autocast, channels_last,
+                      keep_outputs=True)
+        if tcfg.test:
+            final["test/loss"] = ev["loss"]
+            if classify:
+                final["test/accuracy"] = ev["accuracy"]
+        tracker.log(run_id, final, step=len(result.history))
+        result.metrics.update(final)
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_artifacts(Path(tmp), cfg, model, result.history, ev, getattr(data, split_name), split_name)
+            tracker.log_artifacts(run_id, Path(tmp))
+        tracker.end(run_id, "FINISHED")
+        result.status = "FINISHED"
+        return result
+    except Diverged as e:
+        tracker.log(run_id, {}, tags={"fmnist.failure": str(e)})
+        tracker.end(run_id, "FAILED")
+        result.status = "FAILED"
+        result.message = f"{e}: the run diverged. Try a smaller optimizer.lr (now {cfg.optimizer.lr})."
+        return result
+    except KeyboardInterrupt:
+        tracker.end(run_id, "KILLED")
+        raise
+    except BaseException as e:
+        tracker.log(run_id, {}, tags={"fmnist.failure": f"{type(e).__name__}: {e}"[:5000]})
+        tracker.end(run_id, "FAILED")
+        raise
+
+
+def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> None:
+    from . import report
+
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (out / "model").mkdir()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+               out / "model" / "state_dict.pt")
+    report.learning_curves_png(history, out / "learning_curves.png")
+    if model.task == "classify":
+        y = split.y.cpu().numpy()
+        report.per_class_table(y, ev["outputs"], out, split_name)
+        acc = float((ev["outputs"] == y).mean())
+        report.confusion_matrix_png(y, ev["outputs"], out / f"confusion_matrix_{split_name}.png",
+                                    f"{split_name} set, accuracy {acc:.4f}")
+    else:
+        n = min(10, len(ev["outputs"]))
+        report.reconstructions_png(split.x[:n].float().cpu().numpy(), ev["outputs"][:n],
+                                   out / f"reconstructions_{split_name}.png")
