@@ -1,0 +1,33 @@
+# make run  — set up .venv (first time) and train the default model
+# make test — set up .venv (first time) and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch, installed only when the venv has no torch yet, so
+# that pip does not resolve a multi-GB CUDA build. GPU users: install your
+# torch into $(VENV) first (or set TORCH_PIP_ARGS to your index), then make.
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: setup run test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/python -m fmnist_sweep
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) mlruns.db mlartifacts

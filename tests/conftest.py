@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny IDX files written by the tests, and the real config shrunk."""
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist_sweep.data import FILES
+
+REAL_DATA = Path(os.environ.get("FMNIST_REAL_DATA", "/usr/share/datasets/fashion-mnist"))
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(folder: Path, n_train_per_class=20, n_test_per_class=6, seed=0) -> dict[str, str]:
+    """Four gzipped IDX files of learnable fake images: each class is a bright
+    horizontal band at its own height, plus noise. Returns their SHA-256 table."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+
+    def images_for(labels):
+        x = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            x[i, 2 + 2 * c: 5 + 2 * c, :] = 230
+        return x
+
+    arrays = {}
+    for split, per_class in (("train", n_train_per_class), ("test", n_test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class))
+        arrays[f"{split}_images"] = images_for(labels)
+        arrays[f"{split}_labels"] = labels
+    for key, (name, _) in FILES.items():
+        raw = idx_bytes(arrays[key])
+        (folder / name).write_bytes(gzip.compress(raw))
+        checksums[name] = hashlib.sha256(raw).hexdigest()
+    return checksums
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    folder = tmp_path / "tiny-fmnist"
+    write_idx(folder)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh current directory, cache and tracking store for a test."""
+    wd = tmp_path / "work"
+    wd.mkdir()
+    monkeypatch.chdir(wd)
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
+    monkeypatch.delenv("FMNIST_SWEEP_DIR", raising=False)
+    return wd
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data, workdir) -> list[str]:
+    """Overrides that shrink the real config to seconds on the tiny files."""
+    return [f"data.root={tiny_data}", "data.verify=false", "data.download=false",
+            "data.val_fraction=0.2", "trainer.epochs=1", "trainer.batch_size=32",
+            "trainer.threads=1"]
+
+
+def mlflow_runs(workdir: Path, experiment="fmnist-sweep"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, "no MLflow experiment was created"
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])

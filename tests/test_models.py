@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from fmnist_sweep.config import compose, group_options
+from fmnist_sweep.models import count_params
+from hydra.utils import instantiate
+
+# (Keras-convention total, PyTorch parameters().numel()) for the seed studies' models.
+# Keras counts BatchNorm moving mean/variance in "Total params" and one bias per
+# recurrent gate; PyTorch keeps BN statistics as buffers and two biases (b_ih, b_hh).
+PUBLISHED = {
+    "cnn": (306_906, 306_906 - 2 * (32 + 32 + 64 + 64 + 128 + 128 + 16)),
+    "rnn": (135_498, 135_498 - 2 * 64 + (256 + 128 + 64)),
+    "bilstm": (1_340_042, 1_340_042 + 2 * 4 * (256 + 128)),
+}
+
+
+@pytest.mark.parametrize("name", group_options("model"))
+def test_every_model_composes_and_maps_images(name):
+    cfg = compose([f"model={name}"])
+    model = instantiate(cfg.model)
+    x, y = torch.rand(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    out, loss = model(x, y)
+    if model.task == "classify":
+        assert out.shape == (5, 10)
+    else:
+        assert model.task == "reconstruct" and out.shape == x.shape
+        assert 0 <= out.min() and out.max() <= 1  # sigmoid output
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_seed_models_match_published_parameter_counts(name):
+    model = instantiate(compose([f"model={name}"]).model)
+    keras, torch_count = PUBLISHED[name]
+    assert count_params(model, "keras") == keras
+    assert count_params(model) == torch_count
+
+
+@pytest.mark.parametrize("n", [16, 64, 784])
+def test_autoencoder_latent_size_is_the_bottleneck(n):
+    model = instantiate(compose(["model=autoencoder", f"model.latent_dim={n}"]).model)
+    assert model.encoder(torch.rand(3, 1, 28, 28)).shape == (3, n)
+
+
+def test_relu_output_and_cnn_activation_options():
+    ae = instantiate(compose(["model=autoencoder", "model.output_activation=relu"]).model)
+    assert isinstance(ae.decoder[-1], torch.nn.ReLU)
+    cnn = instantiate(compose(["model=cnn", "model.activation=relu", "model.widths=[16,32]",
+                               "model.dropouts=[0.1,0.2]"]).model)
+    assert cnn(torch.rand(2, 1, 28, 28))[0].shape == (2, 10)
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_dropout_off():
+    model = instantiate(compose(["model=encoder_classifier", "model.freeze=true"]).model)
+    model.train()
+    assert not model.encoder.training and model.head.training
+    _, loss = model(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())

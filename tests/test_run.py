@@ -1,0 +1,130 @@
+"""One training run through the CLI, checked in the MLflow store it writes."""
+
+import shlex
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from fmnist_sweep.cli import main
+from fmnist_sweep.config import compose
+from fmnist_sweep.train import run
+from tests.conftest import mlflow_runs
+
+
+def artifact_paths(client, run_id, path=None):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_run_is_recorded_with_params_metrics_tags_artifacts(tiny_overrides, workdir, capsys):
+    overrides = tiny_overrides + ["trainer.epochs=2", "optimizer.lr=0.002"]
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "img/s" in out
+    assert "FINISHED" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+    client, runs = mlflow_runs(workdir)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.data.params["optimizer.lr"] == "0.002"
+    assert r.data.params["model._target_"] == "fmnist_sweep.models.cnn.CNN"
+    assert r.data.params["trainer.epochs"] == "2"
+    assert r.data.tags["fmnist.overrides"] == shlex.join(overrides)
+    assert r.data.tags["fmnist.command"].startswith("python -m fmnist_sweep data.root=")
+    assert len(r.data.tags["data.sha256"]) == 64
+    assert r.data.tags["mlflow.source.git.commit"]
+    for key in ("train/loss", "val/loss", "val/accuracy", "lr", "perf/images_per_s", "perf/epoch_seconds"):
+        history = client.get_metric_history(r.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert 0 <= r.data.metrics["test/accuracy"] <= 1
+    assert "test/loss" in r.data.metrics
+
+    files = artifact_paths(client, r.info.run_id)
+    for name in ("config.yaml", "model/state_dict.pt", "learning_curves.png", "confusion_matrix_test.png",
+                 "classification_report_test.csv", "classification_report_test.txt"):
+        assert name in files
+    local = client.download_artifacts(r.info.run_id, "")
+    header, *rows = open(f"{local}/classification_report_test.csv").read().splitlines()
+    assert header == "class,precision,recall,f1-score,support"
+    assert rows[6].startswith("Shirt,") and len(rows) == 12
+    state = torch.load(f"{local}/model/state_dict.pt", weights_only=True)
+    model = instantiate(compose(overrides).model)
+    model.load_state_dict(state)
+    assert open(f"{local}/config.yaml").read().startswith("data:")
+
+
+def test_same_config_and_seed_give_same_metrics_and_override_line_reruns(tiny_overrides, workdir):
+    assert main(tiny_overrides + ["trainer.epochs=2"]) == 0
+    client, (first,) = mlflow_runs(workdir)
+    assert main(shlex.split(first.data.tags["fmnist.overrides"])) == 0
+    _, runs = mlflow_runs(workdir)
+    a, b = (client.get_metric_history(r.info.run_id, "val/loss") for r in runs)
+    assert [m.value for m in a] == [m.value for m in b]
+    assert runs[0].data.metrics["test/accuracy"] == runs[1].data.metrics["test/accuracy"]
+    assert main(tiny_overrides + ["trainer.epochs=2", "seed=1"]) == 0
+    _, runs = mlflow_runs(workdir)
+    c = client.get_metric_history(runs[2].info.run_id, "val/loss")
+    assert [m.value for m in c] != [m.value for m in a]
+
+
+def test_autoencoder_run_and_pretrained_frozen_encoder_from_its_run_id(tiny_overrides, workdir):
+    assert main(tiny_overrides + ["model=autoencoder", "model.latent_dim=8", "optimizer=adam"]) == 0
+    client, (ae,) = mlflow_runs(workdir)
+    assert "val/accuracy" not in ae.data.metrics and "val/loss" in ae.data.metrics
+    assert "reconstructions_test.png" in artifact_paths(client, ae.info.run_id)
+    assert ae.data.tags["fmnist.task"] == "reconstruct"
+
+    assert main(tiny_overrides + ["model=encoder_classifier", "model.latent_dim=8", "optimizer=adam",
+                                  f"model.pretrained={ae.info.run_id}", "model.freeze=true"]) == 0
+    _, runs = mlflow_runs(workdir)
+    clf = runs[1]
+    assert clf.data.metrics["val/accuracy"] >= 0
+    ae_state = torch.load(client.download_artifacts(ae.info.run_id, "model/state_dict.pt"), weights_only=True)
+    clf_state = torch.load(client.download_artifacts(clf.info.run_id, "model/state_dict.pt"), weights_only=True)
+    enc = [k for k in ae_state if k.startswith("encoder.")]
+    assert enc and all(torch.equal(ae_state[k], clf_state[k]) for k in enc)  # frozen: unchanged
+
+
+def test_missing_pretrained_checkpoint_is_a_clear_error(tiny_overrides, capsys):
+    code = main(tiny_overrides + ["model=encoder_classifier", "model.pretrained=/no/such.pt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pretrained=/no/such.pt: no such file" in err
+
+
+def test_diverging_run_is_failed_with_a_message_not_a_crash(tiny_overrides, workdir, capsys):
+    code = main(tiny_overrides + ["model=rnn", "optimizer=sgd", "optimizer.lr=1e8"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "diverged" in err and "optimizer.lr" in err and "Traceback" not in err
+    _, (r,) = mlflow_runs(workdir)
+    assert r.info.status == "FAILED" and "loss became" in r.data.tags["fmnist.failure"]
+
+
+def test_early_stopping_stops_when_the_monitor_stalls(tiny_overrides, workdir):
+    assert main(tiny_overrides + ["trainer.epochs=6", "trainer.early_stopping_patience=1",
+                                  "optimizer.lr=1e-30"]) == 0
+    client, (r,) = mlflow_runs(workdir)
+    assert len(client.get_metric_history(r.info.run_id, "val/accuracy")) == 2
+
+
+def test_report_hook_prunes_and_run_is_killed(tiny_overrides, workdir):
+    seen = []
+    result = run(compose(tiny_overrides + ["trainer.epochs=3"]),
+                 report=lambda epoch, value: seen.append((epoch, value)) or epoch == 2)
+    assert result.status == "KILLED" and [e for e, _ in seen] == [1, 2]
+    client, (r,) = mlflow_runs(workdir)
+    assert r.info.status == "KILLED" and r.data.tags["fmnist.pruned"] == "true"
+    assert len(client.get_metric_history(r.info.run_id, "val/accuracy")) == 2
+
+
+def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_overrides, workdir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fallback path is for machines without it")
+    assert main(tiny_overrides + ["trainer.device=cuda", "trainer.precision=fp32"]) == 0
+    assert "CUDA is not available here; training on cpu" in capsys.readouterr().out
+    _, (r,) = mlflow_runs(workdir)
+    assert r.data.tags["fmnist.device"] == "cpu" and r.data.tags["fmnist.precision"] == "fp32"
