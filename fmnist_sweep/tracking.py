@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -13,6 +14,9 @@ PARAM_LIMIT = 100  # MLflow accepts at most 100 params per log_batch request
 # Fail a trial quickly when a tracking server is down, instead of retrying for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+# Schema creation on a fresh store is routine, not news.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def git_commit() -> str:
