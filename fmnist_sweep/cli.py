@@ -68,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {result.run_id} {result.status} in {time.perf_counter() - t0:.1f} s: {shown}")
     if result.status != "FINISHED":
         print(f"error: {result.message}", file=sys.stderr)
-    print(_browse_hint(result_uri(cfg)))
+    from .tracking import local_uri
+
+    print(_browse_hint(local_uri(cfg.tracking.uri)))
     return 0 if result.status == "FINISHED" else 1
-
-
-def result_uri(cfg) -> str:
-    from .tracking import _local_uri
-
-    return _local_uri(cfg.tracking.uri)

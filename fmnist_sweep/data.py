@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import urllib.error
 import urllib.request
 import zlib
@@ -63,6 +62,17 @@ def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def _copy_with_progress(src, dst, total: int, name: str, show: bool) -> None:
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(*Progress.get_default_columns()[:3], DownloadColumn(), TransferSpeedColumn(),
+                  disable=not show) as bar:
+        task = bar.add_task(f"downloading {name}", total=total or None)
+        while chunk := src.read(1 << 16):
+            dst.write(chunk)
+            bar.update(task, advance=len(chunk))
+
+
 def download(mirror: str, dest: Path, checksums: dict[str, str] | None = None, progress: bool = True) -> None:
     """Fetch the four files from ``mirror`` into ``dest``, verifying each before it is kept."""
     checksums = OFFICIAL_SHA256 if checksums is None else checksums
@@ -70,11 +80,9 @@ def download(mirror: str, dest: Path, checksums: dict[str, str] | None = None, p
     for name, _ in FILES.values():
         url = mirror.rstrip("/") + "/" + name
         tmp = dest / (name + ".part")
-        if progress:
-            print(f"downloading {url}", flush=True)
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                shutil.copyfileobj(r, f)
+                _copy_with_progress(r, f, int(r.headers.get("Content-Length") or 0), name, progress)
         except (urllib.error.URLError, OSError) as e:
             tmp.unlink(missing_ok=True)
             reason = getattr(e, "reason", e)

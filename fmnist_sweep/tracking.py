@@ -29,7 +29,7 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def _local_uri(uri: str) -> str:
+def local_uri(uri: str) -> str:
     """Make a relative sqlite:/// path absolute and create its folder."""
     prefix = "sqlite:///"
     if uri.startswith(prefix):
@@ -46,7 +46,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        self.uri = _local_uri(uri)
+        self.uri = local_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)
@@ -109,7 +109,7 @@ def resolve_checkpoint(ref: str | None, tracking_uri: str) -> str | None:
 
         try:
             return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/state_dict.pt",
-                                                       tracking_uri=_local_uri(tracking_uri))
+                                                       tracking_uri=local_uri(tracking_uri))
         except (MlflowException, OSError) as e:
             raise UserError(f"model.pretrained={ref}: cannot fetch model/state_dict.pt from that MLflow run "
                             f"({str(e).splitlines()[0]}).") from None

@@ -164,8 +164,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         tags: dict | None = None) -> RunResult:
     """Train ``cfg`` and record it as one MLflow run.
 
-    ``report(epoch, value) -> bool`` is called with the monitored validation value
-    after every epoch; returning True stops the run as pruned (status KILLED)."""
+    ``report(epoch, metrics) -> bool`` is called with the epoch's metrics after
+    every epoch; returning True stops the run as pruned (status KILLED)."""
     validate(cfg)
     t_start = time.perf_counter()
     tcfg = cfg.trainer
@@ -254,7 +254,7 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                     bar.console.print(f"epoch {epoch}/{tcfg.epochs}  {shown}  "
                                       f"{metrics['perf/images_per_s']:,.0f} img/s  "
                                       f"{metrics['perf/epoch_seconds']:.1f} s", soft_wrap=True)
-                if report is not None and report(epoch, value):
+                if report is not None and report(epoch, metrics):
                     tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
                     tracker.end(run_id, "KILLED")
                     result.status, result.message = "KILLED", f"pruned after epoch {epoch}"
@@ -297,20 +297,20 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
 
 
 def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> None:
-    from . import report
+    from . import artifacts
 
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (out / "model").mkdir()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                out / "model" / "state_dict.pt")
-    report.learning_curves_png(history, out / "learning_curves.png")
+    artifacts.learning_curves_png(history, out / "learning_curves.png")
     if model.task == "classify":
         y = split.y.cpu().numpy()
-        report.per_class_table(y, ev["outputs"], out, split_name)
+        artifacts.per_class_table(y, ev["outputs"], out, split_name)
         acc = float((ev["outputs"] == y).mean())
-        report.confusion_matrix_png(y, ev["outputs"], out / f"confusion_matrix_{split_name}.png",
-                                    f"{split_name} set, accuracy {acc:.4f}")
+        artifacts.confusion_matrix_png(y, ev["outputs"], out / f"confusion_matrix_{split_name}.png",
+                                       f"{split_name} set, accuracy {acc:.4f}")
     else:
         n = min(10, len(ev["outputs"]))
-        report.reconstructions_png(split.x[:n].float().cpu().numpy(), ev["outputs"][:n],
-                                   out / f"reconstructions_{split_name}.png")
+        artifacts.reconstructions_png(split.x[:n].float().cpu().numpy(), ev["outputs"][:n],
+                                      out / f"reconstructions_{split_name}.png")

@@ -60,3 +60,23 @@ def test_frozen_encoder_gets_no_gradient_and_keeps_dropout_off():
     loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("name", group_options("optimizer"))
+def test_every_optimizer_builds_on_model_parameters(name):
+    cfg = compose([f"optimizer={name}"])
+    model = instantiate(cfg.model)
+    opt = instantiate(cfg.optimizer)(model.parameters())
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    _, loss = model(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", group_options("tracking"))
+def test_every_tracking_option_composes(name, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    cfg = compose([f"tracking={name}"])
+    assert cfg.tracking.uri.startswith(("sqlite:///", "http://127.0.0.1:5999"))

@@ -114,8 +114,9 @@ def test_early_stopping_stops_when_the_monitor_stalls(tiny_overrides, workdir):
 def test_report_hook_prunes_and_run_is_killed(tiny_overrides, workdir):
     seen = []
     result = run(compose(tiny_overrides + ["trainer.epochs=3"]),
-                 report=lambda epoch, value: seen.append((epoch, value)) or epoch == 2)
+                 report=lambda epoch, metrics: seen.append((epoch, metrics)) or epoch == 2)
     assert result.status == "KILLED" and [e for e, _ in seen] == [1, 2]
+    assert seen[1][1]["val/accuracy"] == result.metrics["val/accuracy"]
     client, (r,) = mlflow_runs(workdir)
     assert r.info.status == "KILLED" and r.data.tags["fmnist.pruned"] == "true"
     assert len(client.get_metric_history(r.info.run_id, "val/accuracy")) == 2
