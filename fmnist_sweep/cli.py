@@ -1,4 +1,9 @@
-"""Command line: ``python -m fmnist_sweep [--cfg] [--verbose] key=value ...``."""
+"""Command line: one run, a study, or a look at a study.
+
+    python -m fmnist_sweep [options] [override ...]      one run, or a study when a sweep is set
+    python -m fmnist_sweep status STUDY [override ...]   the study's trials
+    python -m fmnist_sweep report STUDY [override ...]   refresh its MLflow artifacts, print its summary
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,30 @@ import sys
 import time
 
 USAGE = """usage: python -m fmnist_sweep [options] [override ...]
+       python -m fmnist_sweep status STUDY [override ...]
+       python -m fmnist_sweep report STUDY [override ...]
 
 Train one model with the configuration Hydra composes from conf/ and the
-overrides (key=value, group=option), recording the run in MLflow.
+overrides (key=value, group=option), recording the run in MLflow. With a sweep
+(e.g. +experiment=autoencoder_latent) run an Optuna study instead; running the
+same command again resumes it.
 
 examples:
   python -m fmnist_sweep
   python -m fmnist_sweep model=bilstm optimizer=adam optimizer.lr=0.01 trainer.epochs=3
-  python -m fmnist_sweep model=autoencoder model.latent_dim=128 trainer.precision=fp32
+  python -m fmnist_sweep +experiment=quickstart
+  python -m fmnist_sweep +experiment=quickstart --more 5
+  python -m fmnist_sweep status quickstart
 
 options:
+  --more N     run N trials more than the study has (default: fill its n_trials)
+  --fork       the sweep's search space changed: start a new study beside the old one
   --cfg        print the composed configuration and exit
   --verbose    show full tracebacks on errors (also HYDRA_FULL_ERROR=1)
   -h, --help   this text
 """
+
+COMMANDS = ("status", "report")
 
 
 def _browse_hint(tracking_uri: str) -> str:
@@ -29,46 +44,114 @@ def _browse_hint(tracking_uri: str) -> str:
     return f"browse: {tracking_uri}"
 
 
+def _parse(argv: list[str]):
+    from .errors import UserError
+
+    opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "command": None, "study": None}
+    rest, i = [], 0
+    if argv and argv[0] in COMMANDS:
+        if len(argv) < 2 or "=" in argv[1] or argv[1].startswith("-"):
+            raise UserError(f"usage: python -m fmnist_sweep {argv[0]} STUDY [override ...]")
+        opts["command"], opts["study"], i = argv[0], argv[1], 2
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--verbose", "--cfg", "--fork"):
+            opts[a[2:]] = True
+        elif a == "--more":
+            if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+                raise UserError("--more takes a number of trials >= 1, e.g. --more 5")
+            opts["more"], i = int(argv[i + 1]), i + 1
+        elif a.startswith("-"):
+            raise UserError(f"unknown option {a}; see --help")
+        else:
+            rest.append(a)
+        i += 1
+    return opts, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
-    show_cfg = "--cfg" in argv
-    overrides = [a for a in argv if a not in ("--verbose", "--cfg")]
-    unknown = [a for a in overrides if a.startswith("-")]
     from .errors import UserError
 
     try:
-        if unknown:
-            raise UserError(f"unknown option {unknown[0]}; see --help")
+        opts, overrides = _parse(argv)
+        if opts["command"]:
+            return _study_command(opts["command"], opts["study"], overrides)
         from .config import compose
 
         cfg = compose(overrides)
-        if show_cfg:
+        if opts["cfg"]:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from .train import run
-
-        t0 = time.perf_counter()
-        result = run(cfg, overrides)
+        if cfg.sweep is not None:
+            return _run_study(cfg, overrides, opts["more"], opts["fork"])
+        if opts["more"] is not None or opts["fork"]:
+            raise UserError("--more and --fork apply to studies: add +experiment=NAME or sweep=NAME")
+        return _run_one(cfg, overrides, verbose)
     except UserError as e:
         if verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked KILLED", file=sys.stderr)
+        print("interrupted: the MLflow run is marked KILLED; a study resumes with the same command",
+              file=sys.stderr)
         return 130
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
-                      if k.startswith(("val/", "test/")))
+
+
+def _run_one(cfg, overrides, verbose) -> int:
+    from .tracking import local_uri
+    from .train import run
+
+    t0 = time.perf_counter()
+    result = run(cfg, overrides)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.startswith(("val/", "test/")))
     print(f"run {result.run_id} {result.status} in {time.perf_counter() - t0:.1f} s: {shown}")
     if result.status != "FINISHED":
         print(f"error: {result.message}", file=sys.stderr)
-    from .tracking import local_uri
-
+        if verbose and result.traceback:
+            print(result.traceback, file=sys.stderr)
     print(_browse_hint(local_uri(cfg.tracking.uri)))
     return 0 if result.status == "FINISHED" else 1
+
+
+def _run_study(cfg, overrides, more, fork) -> int:
+    from . import study_report
+    from .study import Study
+    from .tracking import local_uri
+
+    t0 = time.perf_counter()
+    study = Study(cfg, overrides, fork=fork)
+    try:
+        study.optimize(more)
+    finally:
+        study_report.publish(study)
+    c = study.counts()
+    print(f"\nstudy {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
+          f"in {time.perf_counter() - t0:.0f} s")
+    for t in study_report.best_trials(study):
+        values = ", ".join(f"{m} {v:.4f}" for (m, _), v in zip(study.sweep.objectives, t.values))
+        print(f"best trial {t.number}: {values}\n  re-run: python -m fmnist_sweep {t.user_attrs.get('overrides', '')}")
+    print(f"MLflow: experiment '{study.name}', parent run {study.parent_run_id} (plots and trials.csv there)")
+    print(_browse_hint(local_uri(cfg.tracking.uri)))
+    return 0
+
+
+def _study_command(command, name, overrides) -> int:
+    from . import study_report
+    from .study import open_study
+
+    study = open_study(overrides, name)
+    if command == "report":
+        study_report.publish(study)
+        print(study_report.markdown(study), end="")
+        print(f"\nartifacts refreshed on MLflow run {study.parent_run_id} (experiment '{study.name}')")
+    else:
+        print(study_report.markdown(study), end="")
+    return 0

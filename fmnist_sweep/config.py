@@ -28,13 +28,13 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (resource_dir("conf") / group).glob("*.yaml"))
 
 
-def _flat_keys(cfg, prefix="") -> list[str]:
+def flat_keys(cfg, prefix="") -> list[str]:
     keys = []
     for k, v in cfg.items():
         full = f"{prefix}{k}"
         keys.append(full)
         if isinstance(v, DictConfig):
-            keys += _flat_keys(v, full + ".")
+            keys += flat_keys(v, full + ".")
     return keys
 
 
@@ -53,7 +53,7 @@ def _explain(err: Exception, overrides: list[str]) -> str:
         key = m.group(1)
         try:
             base = compose([o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
-            close = difflib.get_close_matches(key, _flat_keys(base), n=1)
+            close = difflib.get_close_matches(key, flat_keys(base), n=1)
         except UserError:
             close = []
         hint = f" Did you mean '{close[0]}'?" if close else " Print the valid keys with --cfg."
@@ -111,7 +111,7 @@ RULES = {
     "trainer.channels_last": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "trainer.early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1),
                                         "null or an integer >= 1"),
-    "data.val_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "data.val_fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1) (0: train on all 60k)"),
     "data.train_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "data.test_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (lambda v: isinstance(v, int), "an integer"),
@@ -127,6 +127,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
         if not ok(value):
             raise UserError(f"{key}={value!r} is not allowed: {key} must be {allowed}.")
+    if cfg.get("trainer") and cfg.trainer.get("early_stopping_patience") and cfg.data.val_fraction == 0:
+        raise UserError("trainer.early_stopping_patience needs a validation split: data.val_fraction > 0.")
     widths, drops = OmegaConf.select(cfg, "model.widths"), OmegaConf.select(cfg, "model.dropouts")
     if widths is not None and drops is not None and len(widths) != len(drops):
         raise UserError(f"model.widths has {len(widths)} entries but model.dropouts has {len(drops)}: "

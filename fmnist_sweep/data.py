@@ -164,7 +164,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         taken.append(idx[: int(round(fraction * len(idx)))])
-    taken = np.sort(np.concatenate(taken))
+    taken = np.sort(np.concatenate(taken)).astype(np.int64)
     rest = np.setdiff1d(np.arange(len(labels)), taken)
     return taken, rest
 

@@ -9,6 +9,7 @@ import os
 import shlex
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class RunResult:
     metrics: dict = field(default_factory=dict)   # last epoch's metrics, then test/*
     history: list = field(default_factory=list)   # one dict of metrics per epoch
     message: str = ""
+    traceback: str = ""    # of an unexpected error, for --verbose
 
 
 def select_device(name: str) -> torch.device:
@@ -161,11 +163,12 @@ def _progress(enabled: bool):
 
 
 def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
-        tags: dict | None = None) -> RunResult:
+        tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None) -> RunResult:
     """Train ``cfg`` and record it as one MLflow run.
 
     ``report(epoch, metrics) -> bool`` is called with the epoch's metrics after
-    every epoch; returning True stops the run as pruned (status KILLED)."""
+    every epoch; returning True stops the run as pruned (status KILLED). A study
+    passes its own ``tracker`` (its MLflow experiment) and parent run."""
     validate(cfg)
     t_start = time.perf_counter()
     tcfg = cfg.trainer
@@ -209,8 +212,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     }
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     params["model.n_params"] = count_params(model)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    run_id = tracker.start(override_line or "default", params, run_tags, parent_run_id)
+    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    run_id = tracker.start(name or override_line or "default", params, run_tags, parent_run_id)
 
     result = RunResult("RUNNING", run_id, monitor, None)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -228,22 +231,24 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                 train_loss = train_epoch(model, optimizer, data.train, tcfg.batch_size, generator,
                                          autocast, channels_last, on_batch)
                 train_seconds = time.perf_counter() - t0
-                val = evaluate(model, data.val, tcfg.eval_batch_size, autocast, channels_last)
+                metrics = {"train/loss": train_loss}
+                if len(data.val):  # empty when retraining on train+val for a final model
+                    val = evaluate(model, data.val, tcfg.eval_batch_size, autocast, channels_last)
+                    if not math.isfinite(val["loss"]):
+                        raise Diverged(f"validation loss became {val['loss']}")
+                    metrics["val/loss"] = val["loss"]
+                    if classify:
+                        metrics["val/accuracy"] = val["accuracy"]
                 bar.remove_task(task)
-                metrics = {"train/loss": train_loss, "val/loss": val["loss"],
-                           "lr": optimizer.param_groups[0]["lr"],
-                           "perf/images_per_s": len(data.train) / train_seconds,
-                           "perf/epoch_seconds": time.perf_counter() - t0}
-                if classify:
-                    metrics["val/accuracy"] = val["accuracy"]
-                if not math.isfinite(val["loss"]):
-                    raise Diverged(f"validation loss became {val['loss']}")
+                metrics.update({"lr": optimizer.param_groups[0]["lr"],
+                                "perf/images_per_s": len(data.train) / train_seconds,
+                                "perf/epoch_seconds": time.perf_counter() - t0})
                 tracker.log(run_id, metrics, step=epoch)
                 result.history.append({"epoch": epoch, **metrics})
                 result.metrics = dict(metrics)
-                value = metrics[monitor]
-                improved = result.best is None or (value > result.best if maximize else value < result.best)
-                if improved:
+                value = metrics.get(monitor)
+                if value is not None and (result.best is None or (value > result.best if maximize
+                                                                  else value < result.best)):
                     result.best, stale = value, 0
                     if tcfg.early_stopping_patience:
                         best_state = copy.deepcopy(model.state_dict())
@@ -265,11 +270,13 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
-        final = {f"best/{monitor}": result.best, "perf/train_seconds": time.perf_counter() - t_start}
-        split_name = "test" if tcfg.test else "val"
+        final = {"perf/train_seconds": time.perf_counter() - t_start, "model/n_params": params["model.n_params"]}
+        if result.best is not None:
+            final[f"best/{monitor}"] = result.best
+        split_name = "test" if tcfg.test or not len(data.val) else "val"
         ev = evaluate(model, getattr(data, split_name), tcfg.eval_batch_size, autocast, channels_last,
                       keep_outputs=True)
-        if tcfg.test:
+        if split_name == "test":
             final["test/loss"] = ev["loss"]
             if classify:
                 final["test/accuracy"] = ev["accuracy"]
@@ -290,10 +297,13 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     except KeyboardInterrupt:
         tracker.end(run_id, "KILLED")
         raise
-    except BaseException as e:
-        tracker.log(run_id, {}, tags={"fmnist.failure": f"{type(e).__name__}: {e}"[:5000]})
+    except Exception as e:  # the run fails, the process hosting it (a study, a worker) goes on
+        detail = traceback.format_exc()
+        tracker.log(run_id, {}, tags={"fmnist.failure": detail[-5000:]})
         tracker.end(run_id, "FAILED")
-        raise
+        result.status, result.message = "FAILED", f"{type(e).__name__}: {e}"
+        result.traceback = detail
+        return result
 
 
 def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> None:

@@ -1,0 +1,397 @@
+"""Optuna studies over Hydra-composed runs. A study is one MLflow experiment
+with one parent run; every trial is a nested child run trained by train.run."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import shlex
+import sqlite3
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from . import train
+from .config import compose, flat_keys, resource_dir
+from .errors import UserError
+from .space import SearchSpace
+from .tracking import Tracker
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+# Metrics a trial can be judged on: per epoch (pruning reads these) and at the end.
+EPOCH_METRICS = ("val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/epoch_seconds")
+FINAL_METRICS = EPOCH_METRICS + ("model/n_params", "perf/train_seconds")
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what fills a study's n_trials budget
+
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "grid": optuna.samplers.GridSampler, "cmaes": optuna.samplers.CmaEsSampler,
+            "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler}
+PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+           "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+           "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+
+
+class TrialFailed(Exception):
+    """A trial whose run failed (diverged, crashed): the study goes on."""
+
+
+@dataclass
+class Sweep:
+    """One sweeps/NAME.yaml."""
+
+    name: str
+    objectives: list[tuple[str, str]]  # (metric, "maximize" | "minimize")
+    n_trials: int
+    space: SearchSpace
+    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict = field(default_factory=lambda: {"name": "none"})
+    enqueue: list = field(default_factory=list)
+    max_failures: int | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        text = repr((self.objectives, self.space.fingerprint()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sweep_names() -> list[str]:
+    return sorted(p.stem for p in resource_dir("sweeps").glob("*.yaml"))
+
+
+def load_sweep(name: str) -> Sweep:
+    """sweeps/NAME.yaml, or any YAML file given by its path (sweep=path/to/mine.yaml)."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"sweep file {path} does not exist")
+        name = path.stem
+    else:
+        path = resource_dir("sweeps") / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, sweep_names(), n=1)
+        raise UserError(f"unknown sweep '{name}'. Choose one of: {', '.join(sweep_names())}."
+                        + (f" Did you mean {close[0]}?" if close else ""))
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    known = {"objective", "direction", "objectives", "n_trials", "sampler", "pruner", "params", "enqueue",
+             "max_failures"}
+    unknown = set(spec) - known
+    if unknown:
+        raise UserError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    if "objectives" in spec:
+        objectives = [(o["metric"], o.get("direction", "maximize")) for o in spec["objectives"]]
+    else:
+        objectives = [(spec.get("objective", "val/accuracy"), spec.get("direction", "maximize"))]
+    for metric, direction in objectives:
+        if metric not in FINAL_METRICS:
+            raise UserError(f"{path}: unknown objective metric '{metric}'. Choose from: {', '.join(FINAL_METRICS)}.")
+        if direction not in ("maximize", "minimize"):
+            raise UserError(f"{path}: direction of {metric} must be maximize or minimize, not {direction!r}")
+    if len(objectives) == 1 and objectives[0][0] not in EPOCH_METRICS and spec.get("pruner", {}).get("name", "none") != "none":
+        raise UserError(f"{path}: pruning needs a per-epoch objective ({', '.join(EPOCH_METRICS)})")
+    if len(objectives) > 1 and spec.get("pruner", {}).get("name", "none") != "none":
+        raise UserError(f"{path}: Optuna cannot prune multi-objective studies: set pruner: {{name: none}}")
+    n_trials = spec.get("n_trials")
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise UserError(f"{path}: n_trials must be an integer >= 1")
+    return Sweep(name, objectives, n_trials, SearchSpace(spec.get("params") or {}),
+                 spec.get("sampler") or {"name": "tpe"}, spec.get("pruner") or {"name": "none"},
+                 spec.get("enqueue") or [], spec.get("max_failures"))
+
+
+def _build(spec: dict, table: dict, kind: str, **extra):
+    spec = dict(spec)
+    if "_target_" in spec:
+        return instantiate(spec, **extra)
+    name = spec.pop("name", None)
+    if name not in table:
+        raise UserError(f"unknown {kind} '{name}'. Choose one of: {', '.join(table)} (or give _target_).")
+    return table[name](**extra, **spec)
+
+
+def make_sampler(sweep: Sweep, seed: int):
+    spec = dict(sweep.sampler)
+    if spec.get("name") == "grid":
+        spec.pop("name")
+        return optuna.samplers.GridSampler(sweep.space.grid(), **{"seed": seed, **spec})
+    if "seed" not in spec and spec.get("name") != "grid":
+        spec["seed"] = seed
+    return _build(spec, SAMPLERS, "sampler")
+
+
+def make_pruner(sweep: Sweep, epochs: int):
+    spec = dict(sweep.pruner)
+    if spec.get("name") == "hyperband":
+        spec.setdefault("max_resource", epochs)
+    return _build(spec, PRUNERS, "pruner")
+
+
+def make_storage(cfg_storage: DictConfig):
+    """Optuna storage: an RDB URL (SQLite, PostgreSQL) with heartbeats, or a journal file."""
+    if "url" in cfg_storage:
+        url = cfg_storage.url
+        if url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///"):]).expanduser().resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{path}"
+            with sqlite3.connect(path) as db:  # WAL is stored in the file: set once, for every process
+                db.execute("PRAGMA journal_mode=WAL")
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg_storage.max_retry)
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else
+                {"connect_args": {"timeout": 60}},
+                heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period,
+                heartbeat_stale_trial_callback=retry)
+        except Exception as e:
+            raise UserError(f"cannot open the Optuna storage {url.split('@')[-1]}: {str(e).splitlines()[0]}") from None
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = Path(cfg_storage.path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """What decides a trial's result: the config without where-and-how-it-runs keys."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("work_dir", "tracking", "storage", "sweep", "study"):
+        c.pop(key, None)
+    for key in ("root", "cache_dir", "download", "mirror"):
+        c["data"].pop(key, None)
+    for key in ("progress", "threads", "eval_batch_size"):
+        c["trainer"].pop(key, None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]
+
+
+def _base_overrides(overrides: list[str]) -> list[str]:
+    """The user's command line minus what selects or sizes the study: with
+    ``sweep=null`` appended it re-runs a single trial."""
+    drop = ("sweep=", "study.")
+    return [o for o in overrides if not o.lstrip("+~").startswith(drop)]
+
+
+class Study:
+    """An Optuna study bound to its sweep, its storage and its MLflow parent run."""
+
+    def __init__(self, cfg: DictConfig, overrides: list[str], fork: bool = False, check_space: bool = True):
+        self.cfg = cfg
+        self.sweep = load_sweep(cfg.sweep)
+        self.base = _base_overrides(overrides)
+        self.name = cfg.study.name or self.sweep.name
+        self.n_trials = cfg.study.n_trials or self.sweep.n_trials
+        self.storage = make_storage(cfg.storage)
+        if fork:
+            self.name = f"{self.name}-{self.sweep.fingerprint[:8]}"
+        self.optuna = optuna.create_study(
+            study_name=self.name, storage=self.storage, load_if_exists=True,
+            sampler=make_sampler(self.sweep, cfg.seed), pruner=make_pruner(self.sweep, cfg.trainer.epochs),
+            directions=[d for _, d in self.sweep.objectives])
+        attrs = self.optuna.user_attrs
+        if "fmnist.space" not in attrs:
+            self.optuna.set_user_attr("fmnist.space", self.sweep.fingerprint)
+            self.optuna.set_user_attr("fmnist.sweep", self.sweep.name)
+            self.optuna.set_user_attr("fmnist.params", self.sweep.space.text)
+            self.optuna.set_user_attr("fmnist.objectives", self.sweep.objectives)
+            for params in self.sweep.enqueue:
+                self.optuna.enqueue_trial(dict(params), skip_if_exists=True)
+        elif check_space and attrs["fmnist.space"] != self.sweep.fingerprint:
+            raise UserError(f"study '{self.name}' was created with another search space or objective "
+                            f"(sweeps/{self.sweep.name}.yaml changed since). Run with --fork to start a new "
+                            f"study '{self.name}-{self.sweep.fingerprint[:8]}', or set study.name=NEW.")
+        self.tracker = Tracker(cfg.tracking.uri, self.name, cfg.tracking.artifact_root)
+        self.parent_run_id = self._parent_run()
+
+    # --- MLflow ---------------------------------------------------------------------------------
+    def _parent_run(self) -> str:
+        """The study's one parent run: found by tag, else created; if processes race, the
+        oldest wins and the others delete theirs."""
+        client = self.tracker.client
+        query = f"tags.`fmnist.role` = 'study' and tags.`optuna.study` = '{self.name}'"
+
+        def existing():
+            return client.search_runs([self.tracker.experiment_id], query, order_by=["attributes.start_time ASC"],
+                                      max_results=5)
+
+        runs = existing()
+        if runs:
+            run_id = runs[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            command = "python -m fmnist_sweep " + shlex.join(self.base + [f"sweep={self.sweep.name}"])
+            run_id = self.tracker.start(
+                f"study {self.name}", {"sweep": self.sweep.name, "n_trials": self.n_trials,
+                                        **{f"space.{k}": v for k, v in self.sweep.space.text.items()}},
+                {"fmnist.role": "study", "optuna.study": self.name, "fmnist.command": command,
+                 "optuna.directions": ",".join(d for _, d in self.sweep.objectives),
+                 "optuna.objectives": ",".join(m for m, _ in self.sweep.objectives)})
+            oldest = existing()[0].info.run_id
+            if oldest != run_id:
+                client.delete_run(run_id)
+                run_id = oldest
+        self.optuna.set_user_attr("mlflow_parent_run_id", run_id)
+        return run_id
+
+    def _end_orphans(self) -> None:
+        """MLflow runs of trials that Optuna failed (a dead worker's) must not stay RUNNING."""
+        for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if run_id and self.tracker.client.get_run(run_id).info.status == "RUNNING":
+                self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL",
+                                                   "fmnist.failure": "worker stopped (heartbeat lost)"})
+                self.tracker.end(run_id, "KILLED")
+
+    # --- one trial ------------------------------------------------------------------------------
+    def _keys_for(self, overrides: list[str]) -> set[str]:
+        return set(flat_keys(compose(self.base + ["sweep=null"] + overrides)))
+
+    def objective(self, trial: optuna.Trial):
+        trial_overrides = self.sweep.space.suggest(trial, self._keys_for)
+        line = self.base + ["sweep=null"] + trial_overrides
+        cfg = compose(line)
+        cfg.trainer.progress = False  # the study prints one line per trial instead
+        fp = config_fingerprint(cfg)
+        trial.set_user_attr("overrides", shlex.join(line))
+        trial.set_user_attr("fingerprint", fp)
+        tags = {"optuna.study": self.name, "optuna.trial_number": trial.number}
+        twin = next((t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.user_attrs.get("fingerprint") == fp), None)
+        if twin is not None:
+            return self._reuse(trial, twin, line, tags)
+        single = len(self.sweep.objectives) == 1
+        metric = self.sweep.objectives[0][0]
+
+        def report(epoch, metrics):
+            if not single or metric not in metrics:
+                return False
+            trial.report(metrics[metric], epoch)
+            return trial.should_prune()
+
+        result = train.run(cfg, line, report=report, parent_run_id=self.parent_run_id, tags=tags,
+                           tracker=self.tracker, name=f"trial {trial.number}")
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED"}.get(result.status, "FAIL")
+        self.tracker.log(result.run_id, {}, tags={"optuna.state": state})
+        if state == "PRUNED":
+            raise optuna.TrialPruned(result.message)
+        if state == "FAIL":
+            trial.set_user_attr("failure", result.message)
+            raise TrialFailed(result.message)
+        values = [result.metrics[m] for m, _ in self.sweep.objectives]
+        return values[0] if single else values
+
+    def _reuse(self, trial, twin, line, tags):
+        """Same composed config as a finished trial: take its result instead of retraining."""
+        trial.set_user_attr("duplicate_of", twin.number)
+        run_id = self.tracker.start(f"trial {trial.number}", {}, {**tags, "optuna.state": "COMPLETE",
+                                                          "fmnist.duplicate_of_trial": twin.number,
+                                                          "fmnist.duplicate_of_run": twin.user_attrs.get("mlflow_run_id", ""),
+                                                          "fmnist.overrides": shlex.join(line)},
+                                    parent_run_id=self.parent_run_id)
+        self.tracker.log(run_id, {m: v for (m, _), v in zip(self.sweep.objectives, twin.values)})
+        self.tracker.end(run_id, "FINISHED")
+        trial.set_user_attr("mlflow_run_id", run_id)
+        return twin.values[0] if len(twin.values) == 1 else twin.values
+
+    # --- the loop ------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        counts = {s.name: 0 for s in TrialState}
+        for t in self.optuna.get_trials(deepcopy=False):
+            counts[t.state.name] += 1
+        return counts
+
+    def optimize(self, more: int | None = None) -> None:
+        done = sum(self.counts()[s.name] for s in COUNTED)
+        target = done + more if more is not None else self.n_trials
+        if done >= target:
+            print(f"study {self.name}: {done} of {target} trials already done; --more N adds trials")
+            return
+        print(f"study {self.name}: {done} of {target} trials done, {target - done} to run "
+              f"(storage {self._where()}, MLflow experiment '{self.name}')", flush=True)
+        started, t0 = done, time.perf_counter()
+        max_failures = self.sweep.max_failures or max(3, target - done)
+        failures = 0
+
+        def progress(study, frozen):
+            nonlocal failures
+            c = self.counts()
+            finished = c["COMPLETE"] + c["PRUNED"]
+            failures += frozen.state == TrialState.FAIL
+            if frozen.state == TrialState.FAIL:
+                shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
+            elif frozen.values is not None:
+                shown = f"{frozen.state.name} " + " ".join(f"{m} {v:.4f}" for (m, _), v in
+                                                           zip(self.sweep.objectives, frozen.values))
+            else:
+                shown = frozen.state.name + (f" at epoch {frozen.last_step}" if frozen.last_step else "")
+            rate = (time.perf_counter() - t0) / max(1, finished - started)
+            eta = rate * max(0, target - finished)
+            best = self.best_text()
+            print(f"trial {frozen.number}: {shown} | {finished}/{target} done ({c['COMPLETE']} complete, "
+                  f"{c['PRUNED']} pruned, {c['FAIL']} failed) | {best} | ETA {_duration(eta)}", flush=True)
+            if finished >= target:
+                study.stop()
+            if failures >= max_failures:
+                print(f"stopping: {failures} trials failed in this session (max_failures {max_failures})")
+                study.stop()
+
+        # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
+        optuna.storages.fail_stale_trials(self.optuna)
+        self._end_orphans()
+        try:
+            self.optuna.optimize(self.objective, callbacks=[progress], catch=(TrialFailed,))
+        except KeyboardInterrupt:
+            self.tracker.end(self.parent_run_id, "KILLED")
+            raise
+        self._end_orphans()
+        self.tracker.end(self.parent_run_id, "FINISHED")
+
+    def _where(self) -> str:
+        url = str(self.cfg.storage.get("url") or self.cfg.storage.get("path"))
+        if url.startswith("sqlite:///"):
+            return str(Path(url[len("sqlite:///"):]).resolve())
+        return url.split("@")[-1]  # no credentials on screen
+
+    def best_text(self) -> str:
+        try:
+            if len(self.sweep.objectives) == 1:
+                b = self.optuna.best_trial
+                return f"best {b.value:.4f} (trial {b.number})"
+            return f"{len(self.optuna.best_trials)} trials on the Pareto front"
+        except ValueError:
+            return "no complete trial yet"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def open_study(overrides: list[str], name: str) -> Study:
+    """An existing study by name, in the storage the overrides select (for status/report)."""
+    cfg = compose(overrides)
+    storage = make_storage(cfg.storage)
+    names = optuna.study.get_all_study_names(storage)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        where = str(cfg.storage.get("url") or cfg.storage.get("path")).split("@")[-1]
+        raise UserError(f"no study '{name}' in {where}. "
+                        + (f"Studies there: {', '.join(sorted(names))}." if names else "It holds no study yet.")
+                        + (f" Did you mean {close[0]}?" if close else ""))
+    summary = optuna.load_study(study_name=name, storage=storage)
+    sweep = summary.user_attrs.get("fmnist.sweep")
+    if sweep is None:
+        raise UserError(f"study '{name}' was not made by fmnist-sweep (no fmnist.sweep attribute)")
+    cfg = compose(overrides + [f"sweep={sweep}", f"study.name={name}"])
+    return Study(cfg, overrides, check_space=False)
