@@ -93,7 +93,8 @@ RULES = {
     "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.dropouts": (lambda v: all(_number(p) and 0 <= p < 1 for p in _each(v)), "numbers in [0, 1)"),
+    "model.dropouts": (lambda v: all(_number(p) and 0 <= p < 1 for p in _each(v)),
+                       "a number or a list of numbers in [0, 1)"),
     "model.dense_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.latent_dim": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "model.widths": (lambda v: all(isinstance(w, int) and w >= 1 for w in _each(v)), "integers >= 1"),
@@ -130,6 +131,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("trainer") and cfg.trainer.get("early_stopping_patience") and cfg.data.val_fraction == 0:
         raise UserError("trainer.early_stopping_patience needs a validation split: data.val_fraction > 0.")
     widths, drops = OmegaConf.select(cfg, "model.widths"), OmegaConf.select(cfg, "model.dropouts")
-    if widths is not None and drops is not None and len(widths) != len(drops):
+    if widths is not None and OmegaConf.is_list(drops) and len(widths) != len(drops):
         raise UserError(f"model.widths has {len(widths)} entries but model.dropouts has {len(drops)}: "
                         "give one dropout per block.")

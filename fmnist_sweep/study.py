@@ -241,13 +241,18 @@ class Study:
         return run_id
 
     def _end_orphans(self) -> None:
-        """MLflow runs of trials that Optuna failed (a dead worker's) must not stay RUNNING."""
-        for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            run_id = t.user_attrs.get("mlflow_run_id")
-            if run_id and self.tracker.client.get_run(run_id).info.status == "RUNNING":
-                self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL",
-                                                   "fmnist.failure": "worker stopped (heartbeat lost)"})
-                self.tracker.end(run_id, "KILLED")
+        """MLflow runs of trials that are no longer running in Optuna (a dead worker's,
+        failed by the heartbeat check) must not stay RUNNING."""
+        client = self.tracker.client
+        query = f"attributes.status = 'RUNNING' and tags.`optuna.study` = '{self.name}'"
+        states = {t.number: t.state for t in self.optuna.get_trials(deepcopy=False)}
+        for run in client.search_runs([self.tracker.experiment_id], query):
+            number = run.data.tags.get("optuna.trial_number")
+            if number is not None and states.get(int(number)) not in (TrialState.RUNNING, None):
+                self.tracker.log(run.info.run_id, {}, tags={
+                    "optuna.state": states[int(number)].name,
+                    "fmnist.failure": "its worker stopped (Optuna's heartbeat check failed the trial)"})
+                self.tracker.end(run.info.run_id, "KILLED")
 
     # --- one trial ------------------------------------------------------------------------------
     def _keys_for(self, overrides: list[str]) -> set[str]:
@@ -255,7 +260,8 @@ class Study:
 
     def objective(self, trial: optuna.Trial):
         trial_overrides = self.sweep.space.suggest(trial, self._keys_for)
-        line = self.base + ["sweep=null"] + trial_overrides
+        chosen = {o.split("=", 1)[0] for o in trial_overrides}
+        line = [o for o in self.base if o.lstrip("+~").split("=", 1)[0] not in chosen] + ["sweep=null"] + trial_overrides
         cfg = compose(line)
         cfg.trainer.progress = False  # the study prints one line per trial instead
         fp = config_fingerprint(cfg)

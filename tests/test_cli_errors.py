@@ -10,7 +10,7 @@ BAD = [
     (["optimizer=adma"], "Did you mean optimizer=adam?"),
     (["optimizer.lr=0"], "optimizer.lr=0 is not allowed: optimizer.lr must be a number > 0."),
     (["optimizer.lr=-0.1"], "optimizer.lr must be a number > 0"),
-    (["model.dropouts=[0.2,0.3,1.0]"], "model.dropouts must be numbers in [0, 1)"),
+    (["model.dropouts=[0.2,0.3,1.0]"], "model.dropouts must be a number or a list of numbers in [0, 1)"),
     (["model=autoencoder", "model.dropout=1.0"], "model.dropout=1.0 is not allowed: model.dropout must be a number in [0, 1)"),
     (["model=autoencoder", "model.dropout=-0.1"], "model.dropout must be a number in [0, 1)"),
     (["model=autoencoder", "model.latent_dim=0"], "model.latent_dim must be an integer >= 1"),

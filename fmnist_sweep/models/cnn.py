@@ -8,13 +8,16 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiL
 
 
 class CNN(Classifier):
-    """Blocks of [conv3x3-BN-conv3x3-BN-maxpool-dropout], then dense-BN-dropout-linear."""
+    """Blocks of [conv3x3-BN-conv3x3-BN-maxpool-dropout], then dense-BN-dropout-linear.
+    ``dropouts``: one rate per block, or one number for all of them."""
 
     channels_last_gain = True
 
     def __init__(self, widths=(32, 64, 128), dropouts=(0.2, 0.3, 0.4), activation="tanh",
                  dense=16, dense_dropout=0.5, num_classes=10):
         super().__init__()
+        if isinstance(dropouts, (int, float)):  # one rate for every block
+            dropouts = [dropouts] * len(widths)
         if len(widths) != len(dropouts):
             raise ValueError(f"model.widths ({len(widths)}) and model.dropouts ({len(dropouts)}) must have the same length")
         act = ACTIVATIONS[activation]

@@ -1,0 +1,276 @@
+"""Studies through the CLI on tiny data, checked in the Optuna storage and the MLflow store."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fmnist_sweep.cli import main
+from fmnist_sweep.config import compose, group_options, resource_dir
+from fmnist_sweep.space import SearchSpace
+from fmnist_sweep.study import load_sweep, sweep_names
+from tests.conftest import mlflow_runs
+
+
+def storage(workdir):
+    return f"sqlite:///{workdir / 'studies.db'}"
+
+
+def trials(workdir, name):
+    return optuna.load_study(study_name=name, storage=storage(workdir)).trials
+
+
+def sweep_file(tmp_path, text, name="mine"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
+    args = ["+experiment=quickstart", *tiny_overrides, "study.n_trials=4", "trainer.epochs=2",
+            "data.train_fraction=1.0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4/4 done" in out and "best trial" in out and "re-run: python -m fmnist_sweep " in out
+    ts = trials(workdir, "quickstart")
+    assert len(ts) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ts)
+    # The enqueued published configuration ran first.
+    assert ts[0].params == {"optimizer": "rmsprop", "optimizer.lr": 0.001, "model.activation": "tanh",
+                            "trainer.batch_size": 100}
+
+    client, runs = mlflow_runs(workdir, "quickstart")
+    parents = [r for r in runs if r.data.tags.get("fmnist.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    for t in ts:
+        (child,) = [c for c in children if c.info.run_id == t.user_attrs["mlflow_run_id"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["optuna.study"] == "quickstart"
+        assert child.data.tags["optuna.trial_number"] == str(t.number)
+        assert child.data.tags["optuna.state"] == t.state.name
+        assert child.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
+        assert child.data.params["optimizer.lr"] == str(t.params["optimizer.lr"])
+        assert "sweep=null" in child.data.tags["fmnist.overrides"]
+    files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "trials.csv", "optimization_history.png", "param_importances.png",
+            "parallel_coordinate.png", "slice.png", "study_plots.html"} <= files
+    best = optuna.load_study(study_name="quickstart", storage=storage(workdir)).best_trial
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.metrics["best/val/accuracy"] == best.value
+    assert parent.info.status == "FINISHED"
+
+
+def test_trial_override_line_reruns_the_trial_as_a_single_run(tiny_overrides, workdir):
+    sweep = sweep_file(workdir, """
+        objective: val/accuracy
+        n_trials: 1
+        sampler: {name: random, seed: 3}
+        params:
+          optimizer.lr: tag(log, interval(1e-3, 1e-2))
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    (t,) = trials(workdir, "mine")
+    assert main(t.user_attrs["overrides"].split()) == 0
+    client, runs = mlflow_runs(workdir)  # the re-run is a plain run in the default experiment
+    assert runs[0].data.metrics["val/accuracy"] == t.value
+
+
+def test_pruned_trials_keep_their_partial_curves(tiny_overrides, workdir, tmp_path):
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        n_trials: 2
+        sampler: {name: random, seed: 0}
+        pruner: {_target_: optuna.pruners.ThresholdPruner, lower: 2.0}   # accuracy is never >= 2
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides, "trainer.epochs=3"]) == 0
+    ts = trials(workdir, "mine")
+    assert [t.state for t in ts] == [TrialState.PRUNED] * 2
+    client, runs = mlflow_runs(workdir, "mine")
+    for t in ts:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
+        assert len(client.get_metric_history(run.info.run_id, "val/accuracy")) == 1  # of 3 epochs
+
+
+def test_group_choice_switches_models_and_conditional_params(tiny_overrides, workdir, tmp_path):
+    sweep = sweep_file(tmp_path, """
+        objective: val/loss
+        direction: minimize
+        n_trials: 2
+        sampler: {name: grid}
+        params:
+          model: choice(cnn, autoencoder)
+          model.latent_dim: choice(8)    # only the autoencoder has one
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    ts = sorted(trials(workdir, "mine"), key=lambda t: t.params["model"])
+    assert [t.params for t in ts] == [{"model": "autoencoder", "model.latent_dim": 8}, {"model": "cnn"}]
+    client, _ = mlflow_runs(workdir, "mine")
+    ae, cnn = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in ts)
+    assert ae.data.tags["fmnist.model"] == "autoencoder" and ae.data.params["model.latent_dim"] == "8"
+    assert cnn.data.tags["fmnist.model"] == "cnn" and "model.latent_dim" not in cnn.data.params
+
+
+def test_multi_objective_study(tiny_overrides, workdir, tmp_path):
+    sweep = sweep_file(tmp_path, """
+        objectives:
+          - {metric: val/accuracy, direction: maximize}
+          - {metric: model/n_params, direction: minimize}
+        n_trials: 3
+        sampler: {name: nsga2, seed: 0, population_size: 2}
+        params:
+          model: choice(cnn, encoder_classifier)
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    study = optuna.load_study(study_name="mine", storage=storage(workdir))
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in study.trials:
+        assert len(t.values) == 2 and t.values[1] in (305978, 105866)
+    client, runs = mlflow_runs(workdir, "mine")
+    parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "study")
+    assert "pareto_front.png" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+
+
+def test_duplicate_config_takes_the_finished_result(tiny_overrides, workdir, tmp_path):
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        n_trials: 2
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: choice(0.001)
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    first, second = trials(workdir, "mine")
+    assert second.user_attrs["duplicate_of"] == 0 and second.value == first.value
+    client, _ = mlflow_runs(workdir, "mine")
+    twin = client.get_run(second.user_attrs["mlflow_run_id"])
+    assert twin.data.tags["fmnist.duplicate_of_trial"] == "0"
+    assert "perf/train_seconds" not in twin.data.metrics  # not trained again
+
+
+def test_resume_adds_more_and_refuses_a_changed_space(tiny_overrides, workdir, tmp_path, capsys):
+    text = """
+        objective: val/accuracy
+        n_trials: 2
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """
+    sweep = sweep_file(tmp_path, text)
+    args = [f"sweep={sweep}", *tiny_overrides]
+    assert main(args) == 0 and len(trials(workdir, "mine")) == 2
+    assert main(args) == 0 and len(trials(workdir, "mine")) == 2  # already complete: nothing runs
+    assert "2 of 2 trials already done" in capsys.readouterr().out
+    assert main(args + ["--more", "1"]) == 0 and len(trials(workdir, "mine")) == 3
+
+    sweep_file(tmp_path, text.replace("1e-4", "1e-5"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "created with another search space" in err and "--fork" in err
+    assert main(args + ["--fork"]) == 0
+    names = optuna.get_all_study_names(storage(workdir))
+    forked = [n for n in names if n.startswith("mine-")]
+    assert len(forked) == 1 and len(trials(workdir, forked[0])) == 2
+    _, runs = mlflow_runs(workdir, "mine")
+    assert len([r for r in runs if r.data.tags.get("fmnist.role") == "study"]) == 1
+
+
+def test_killed_study_resumes_to_exactly_n_trials(tiny_overrides, workdir, tmp_path):
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        n_trials: 4
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """)
+    args = [sys.executable, "-m", "fmnist_sweep", f"sweep={sweep}", *tiny_overrides, "trainer.epochs=6",
+            "storage.heartbeat_interval=1", "storage.grace_period=2"]
+    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill it while its second trial trains
+            try:
+                ts = trials(workdir, "mine")
+            except KeyError:
+                ts = []
+            if any(t.state == TrialState.RUNNING for t in ts) and sum(t.state == TrialState.COMPLETE for t in ts) >= 1:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert any(t.state == TrialState.RUNNING for t in trials(workdir, "mine"))
+    time.sleep(3)  # past the grace period: the dead worker's trial is stale
+    done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ts = trials(workdir, "mine")
+    counted = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 4
+    assert [t.state for t in ts if t not in counted] == [TrialState.FAIL]  # the killed one, retried
+    client, runs = mlflow_runs(workdir, "mine")
+    assert len([r for r in runs if r.data.tags.get("fmnist.role") == "study"]) == 1
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_hydra_optuna_sweeper_params_block_parses_unchanged():
+    # A params block as the plugin's documentation writes it.
+    space = SearchSpace({"x": "range(-5.5, 5.5, step=0.5)", "y": "choice(-5, 0, 5)",
+                         "lr": "tag(log, interval(0.001, 1))", "n": "int(interval(1, 10))",
+                         "db": "choice(mysql, postgresql)", "fixed": "42"})
+    d = space.values
+    assert (d["x"].low, d["x"].high, d["x"].step) == (-5.5, 5.0, 0.5)
+    assert d["y"].choices == (-5, 0, 5) and d["db"].choices == ("mysql", "postgresql")
+    assert d["lr"].log and (d["lr"].low, d["lr"].high) == (0.001, 1.0)
+    assert (d["n"].low, d["n"].high, d["n"].log) == (1, 10, False)
+    assert space.fixed == {"fixed": "42"}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("choice(", "cannot parse"), ("interval(1, 0)", "needs low < high"),
+    ("tag(log, interval(0, 1))", "low > 0 for log"),
+])
+def test_bad_distribution_is_a_clear_error(text, message, tiny_overrides, tmp_path, capsys):
+    sweep = sweep_file(tmp_path, f"""
+        objective: val/accuracy
+        n_trials: 1
+        params:
+          optimizer.lr: "{text}"
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: search space: ") and message in err and err.count("\n") == 1
+
+
+def test_unknown_study_for_status_and_unknown_sweep(workdir, capsys):
+    assert main(["status", "nope"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+    assert main(["sweep=quickstrat"]) == 2
+    assert "unknown sweep 'quickstrat'" in capsys.readouterr().err and "quickstart"
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
+    cfg = compose([f"+experiment={experiment}"])
+    sweep = load_sweep(cfg.sweep)
+    study = optuna.create_study(directions=[d for _, d in sweep.objectives])
+    trial = study.ask()
+    base = [f"+experiment={experiment}", "sweep=null"]
+    overrides = sweep.space.suggest(trial, lambda o: set(__import__("fmnist_sweep.config").config.flat_keys(compose(base + o))))
+    trial_cfg = compose(base + overrides)
+    assert trial_cfg.sweep is None and trial_cfg.trainer.test is False
+
+
+def test_every_sweep_file_has_an_experiment():
+    assert sorted(sweep_names()) == sorted(group_options("experiment"))
