@@ -1,4 +1,4 @@
-# make run  — set up .venv (first time) and train the default model
+# make run  — set up .venv (first time) and run the quick-start Optuna study
 # make test — set up .venv (first time) and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/python -m fmnist_sweep
+	$(BIN)/python -m fmnist_sweep +experiment=quickstart
 
 test: setup
 	$(BIN)/python -m pytest

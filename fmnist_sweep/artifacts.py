@@ -69,7 +69,8 @@ def learning_curves_png(history: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot(epochs, [h["train/loss"] for h in history], "o-", label="train")
-    ax.plot(epochs, [h["val/loss"] for h in history], "o-", label="validation")
+    if "val/loss" in history[0]:  # absent when retraining on train+val
+        ax.plot(epochs, [h["val/loss"] for h in history], "o-", label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()

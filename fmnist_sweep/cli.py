@@ -3,6 +3,7 @@
     python -m fmnist_sweep [options] [override ...]      one run, or a study when a sweep is set
     python -m fmnist_sweep status STUDY [override ...]   the study's trials
     python -m fmnist_sweep report STUDY [override ...]   refresh its MLflow artifacts, print its summary
+    python -m fmnist_sweep finalize STUDY [...]          retrain its best on train+val, test, register
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep status STUDY [override ...]
        python -m fmnist_sweep report STUDY [override ...]
+       python -m fmnist_sweep finalize STUDY [--top-k K] [--seeds S] [override ...]
 
 Train one model with the configuration Hydra composes from conf/ and the
 overrides (key=value, group=option), recording the run in MLflow. With a sweep
@@ -26,16 +28,20 @@ examples:
   python -m fmnist_sweep +experiment=quickstart
   python -m fmnist_sweep +experiment=quickstart --more 5
   python -m fmnist_sweep status quickstart
+  python -m fmnist_sweep finalize quickstart --top-k 3 --seeds 3 trainer.epochs=15
 
 options:
   --more N     run N trials more than the study has (default: fill its n_trials)
   --fork       the sweep's search space changed: start a new study beside the old one
+  --top-k K    finalize: how many of the best configurations to retrain (default 3)
+  --seeds S    finalize: seeds per configuration (default 3)
   --cfg        print the composed configuration and exit
   --verbose    show full tracebacks on errors (also HYDRA_FULL_ERROR=1)
   -h, --help   this text
 """
 
-COMMANDS = ("status", "report")
+COMMANDS = ("status", "report", "finalize")
+NUMBER_OPTIONS = {"--more": "more", "--top-k": "top_k", "--seeds": "seeds"}
 
 
 def _browse_hint(tracking_uri: str) -> str:
@@ -47,7 +53,8 @@ def _browse_hint(tracking_uri: str) -> str:
 def _parse(argv: list[str]):
     from .errors import UserError
 
-    opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "command": None, "study": None}
+    opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "top_k": 3, "seeds": 3,
+            "command": None, "study": None}
     rest, i = [], 0
     if argv and argv[0] in COMMANDS:
         if len(argv) < 2 or "=" in argv[1] or argv[1].startswith("-"):
@@ -57,10 +64,10 @@ def _parse(argv: list[str]):
         a = argv[i]
         if a in ("--verbose", "--cfg", "--fork"):
             opts[a[2:]] = True
-        elif a == "--more":
+        elif a in NUMBER_OPTIONS:
             if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
-                raise UserError("--more takes a number of trials >= 1, e.g. --more 5")
-            opts["more"], i = int(argv[i + 1]), i + 1
+                raise UserError(f"{a} takes a number >= 1, e.g. {a} 3")
+            opts[NUMBER_OPTIONS[a]], i = int(argv[i + 1]), i + 1
         elif a.startswith("-"):
             raise UserError(f"unknown option {a}; see --help")
         else:
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts, overrides = _parse(argv)
         if opts["command"]:
-            return _study_command(opts["command"], opts["study"], overrides)
+            return _study_command(opts, overrides)
         from .config import compose
 
         cfg = compose(overrides)
@@ -143,11 +150,20 @@ def _run_study(cfg, overrides, more, fork) -> int:
     return 0
 
 
-def _study_command(command, name, overrides) -> int:
+def _study_command(opts, overrides) -> int:
     from . import study_report
     from .study import open_study
 
-    study = open_study(overrides, name)
+    command = opts["command"]
+    # Storage and tracking overrides select the study; the rest size the final retraining.
+    where = [o for o in overrides if o.lstrip("+~").startswith(("storage", "tracking", "work_dir"))]
+    study = open_study(where, opts["study"])
+    if command == "finalize":
+        from .finalize import finalize
+
+        extra = [o for o in overrides if o not in where]
+        print(finalize(study, opts["top_k"], opts["seeds"], extra), end="")
+        return 0
     if command == "report":
         study_report.publish(study)
         print(study_report.markdown(study), end="")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from pathlib import Path
 
@@ -134,3 +135,15 @@ def validate(cfg: DictConfig) -> None:
     if widths is not None and OmegaConf.is_list(drops) and len(widths) != len(drops):
         raise UserError(f"model.widths has {len(widths)} entries but model.dropouts has {len(drops)}: "
                         "give one dropout per block.")
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """What decides a trial's result: the config without where-and-how-it-runs keys."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("work_dir", "tracking", "storage", "sweep", "study"):
+        c.pop(key, None)
+    for key in ("root", "cache_dir", "download", "mirror"):
+        c["data"].pop(key, None)
+    for key in ("progress", "threads", "eval_batch_size"):
+        c["trainer"].pop(key, None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from . import train
-from .config import compose, flat_keys, resource_dir
+from .config import compose, config_fingerprint, flat_keys, resource_dir
 from .errors import UserError
 from .space import SearchSpace
 from .tracking import Tracker
@@ -131,6 +131,8 @@ def make_pruner(sweep: Sweep, epochs: int):
     spec = dict(sweep.pruner)
     if spec.get("name") == "hyperband":
         spec.setdefault("max_resource", epochs)
+    if spec.get("name") == "percentile":
+        spec.setdefault("percentile", 25.0)  # prune below the best quarter's level
     return _build(spec, PRUNERS, "pruner")
 
 
@@ -160,18 +162,6 @@ def make_storage(cfg_storage: DictConfig):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def config_fingerprint(cfg: DictConfig) -> str:
-    """What decides a trial's result: the config without where-and-how-it-runs keys."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("work_dir", "tracking", "storage", "sweep", "study"):
-        c.pop(key, None)
-    for key in ("root", "cache_dir", "download", "mirror"):
-        c["data"].pop(key, None)
-    for key in ("progress", "threads", "eval_batch_size"):
-        c["trainer"].pop(key, None)
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]
-
-
 def _base_overrides(overrides: list[str]) -> list[str]:
     """The user's command line minus what selects or sizes the study: with
     ``sweep=null`` appended it re-runs a single trial."""
@@ -198,7 +188,7 @@ class Study:
         attrs = self.optuna.user_attrs
         if "fmnist.space" not in attrs:
             self.optuna.set_user_attr("fmnist.space", self.sweep.fingerprint)
-            self.optuna.set_user_attr("fmnist.sweep", self.sweep.name)
+            self.optuna.set_user_attr("fmnist.sweep", str(cfg.sweep))  # a name, or the path of a sweep file
             self.optuna.set_user_attr("fmnist.params", self.sweep.space.text)
             self.optuna.set_user_attr("fmnist.objectives", self.sweep.objectives)
             for params in self.sweep.enqueue:
@@ -333,6 +323,9 @@ class Study:
             failures += frozen.state == TrialState.FAIL
             if frozen.state == TrialState.FAIL:
                 shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
+            elif frozen.state == TrialState.PRUNED:
+                value = frozen.intermediate_values.get(frozen.last_step)
+                shown = f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
             elif frozen.values is not None:
                 shown = f"{frozen.state.name} " + " ".join(f"{m} {v:.4f}" for (m, _), v in
                                                            zip(self.sweep.objectives, frozen.values))

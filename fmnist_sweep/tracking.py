@@ -51,7 +51,9 @@ class Tracker:
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
-                location = Path(artifact_root).expanduser().resolve().as_uri() if artifact_root else None
+                # One artifact folder per experiment (= per study), as MLflow's own default does.
+                location = ((Path(artifact_root).expanduser().resolve() / experiment).as_uri()
+                            if artifact_root else None)
                 try:
                     self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
                 except MlflowException:  # another process created it first

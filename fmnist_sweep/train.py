@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import data as fmnist
-from .config import validate
+from .config import compose, config_fingerprint, validate
 from .errors import UserError
 from .models import count_params
 from .tracking import Tracker, git_commit, resolve_checkpoint
@@ -176,10 +176,11 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     device = select_device(tcfg.device)
     data = dataset(cfg.data, device)
 
-    torch.manual_seed(cfg.seed)
+    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     model_kwargs = {}
     if "pretrained" in cfg.model:
-        model_kwargs["pretrained"] = resolve_checkpoint(cfg.model.pretrained, cfg.tracking.uri)
+        model_kwargs["pretrained"] = _checkpoint(cfg, overrides, tracker, parent_run_id)
+    torch.manual_seed(cfg.seed)
     try:
         model = instantiate(cfg.model, **model_kwargs)
         optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
@@ -208,11 +209,11 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         "fmnist.device": str(device), "fmnist.precision": precision,
         "fmnist.channels_last": str(bool(channels_last)), "fmnist.threads": torch.get_num_threads(),
         "mlflow.source.git.commit": git_commit(), "data.sha256": data.checksum,
+        "fmnist.fingerprint": config_fingerprint(cfg),
         **(tags or {}),
     }
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     params["model.n_params"] = count_params(model)
-    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     run_id = tracker.start(name or override_line or "default", params, run_tags, parent_run_id)
 
     result = RunResult("RUNNING", run_id, monitor, None)
@@ -304,6 +305,37 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         result.status, result.message = "FAILED", f"{type(e).__name__}: {e}"
         result.traceback = detail
         return result
+
+
+def _checkpoint(cfg, overrides, tracker: Tracker, parent_run_id) -> str | None:
+    """model.pretrained as a local state_dict path: scratch/null -> None; a path or run
+    id as given; ``autoencoder`` -> an autoencoder of this encoder's shape, trained on
+    the same data with the same trainer (reused if this store has one finished)."""
+    ref = cfg.model.pretrained
+    if ref is None or ref == "scratch":
+        return None
+    if ref != "autoencoder":
+        return resolve_checkpoint(ref, cfg.tracking.uri)
+    m = cfg.model
+    line = [o for o in overrides if not o.lstrip("+~").startswith(("model", "optimizer", "sweep"))] + [
+        "sweep=null", "model=autoencoder", f"model.latent_dim={m.latent_dim}", f"model.dropout={m.dropout}",
+        f"model.channels=[{','.join(map(str, m.channels))}]", "optimizer=adam"]
+    ae_cfg = compose(line)
+    ae_cfg.trainer.progress = cfg.trainer.progress
+    fp = config_fingerprint(ae_cfg)
+    found = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`fmnist.fingerprint` = '{fp}' and attributes.status = 'FINISHED'",
+        max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        print(f"pretraining an autoencoder for model.pretrained=autoencoder: python -m fmnist_sweep {shlex.join(line)}")
+        result = run(ae_cfg, line, parent_run_id=parent_run_id, tracker=tracker, name="pretrain autoencoder",
+                     tags={"fmnist.role": "pretraining"})
+        if result.status != "FINISHED":
+            raise UserError(f"pretraining the autoencoder failed: {result.message}")
+        run_id = result.run_id
+    return tracker.client.download_artifacts(run_id, "model/state_dict.pt", tempfile.mkdtemp())
 
 
 def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> None:

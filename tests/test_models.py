@@ -52,8 +52,14 @@ def test_relu_output_and_cnn_activation_options():
     assert cnn(torch.rand(2, 1, 28, 28))[0].shape == (2, 10)
 
 
-def test_frozen_encoder_gets_no_gradient_and_keeps_dropout_off():
-    model = instantiate(compose(["model=encoder_classifier", "model.freeze=true"]).model)
+def test_frozen_encoder_gets_no_gradient_and_keeps_dropout_off(tmp_path):
+    ae = instantiate(compose(["model=autoencoder"]).model)
+    torch.save(ae.state_dict(), tmp_path / "ae.pt")
+    scratch = instantiate(compose(["model=encoder_classifier", "model.freeze=true"]).model)
+    assert all(p.requires_grad for p in scratch.encoder.parameters())  # nothing to freeze
+    model = instantiate(compose(["model=encoder_classifier", "model.freeze=true",
+                                 f"model.pretrained={tmp_path / 'ae.pt'}"]).model)
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), ae.encoder.parameters()))
     model.train()
     assert not model.encoder.training and model.head.training
     _, loss = model(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))

@@ -21,3 +21,8 @@ def test_defaults_in_the_table_are_the_composed_defaults():
     defaults = dict(re.findall(r"^\| `(\w+)` \| [\w, ]+ \| (\w+) \|$", README, re.M))
     assert cfg.model._target_.split(".")[-2] == defaults["model"]
     assert cfg.optimizer._target_.split(".")[-1].lower() == defaults["optimizer"]
+
+
+def test_experiment_table_lists_every_experiment():
+    listed = re.findall(r"^\| `(\w+)` \| [^|]+ \| [^|]+ \|$", README, re.M)
+    assert sorted(set(listed) & set(group_options("experiment"))) == group_options("experiment")

@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import optuna
+import torch
 import pytest
 from optuna.trial import TrialState
 
@@ -59,7 +60,7 @@ def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, wo
         assert child.data.params["optimizer.lr"] == str(t.params["optimizer.lr"])
         assert "sweep=null" in child.data.tags["fmnist.overrides"]
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "trials.csv", "optimization_history.png", "param_importances.png",
+    assert {"summary.md", "trials.csv", "optimization_history.png", "param_importances.png", "intermediate_values.png",
             "parallel_coordinate.png", "slice.png", "study_plots.html"} <= files
     best = optuna.load_study(study_name="quickstart", storage=storage(workdir)).best_trial
     assert parent.data.tags["best.trial"] == str(best.number)
@@ -274,3 +275,83 @@ def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
 
 def test_every_sweep_file_has_an_experiment():
     assert sorted(sweep_names()) == sorted(group_options("experiment"))
+
+
+def test_pretrained_autoencoder_is_trained_once_and_reused(tiny_overrides, workdir, capsys):
+    common = [*tiny_overrides, "model=encoder_classifier", "model.latent_dim=8", "optimizer=adam",
+              "model.pretrained=autoencoder", "model.freeze=true"]
+    assert main(common) == 0
+    assert "pretraining an autoencoder" in capsys.readouterr().out
+    assert main(common + ["optimizer.lr=0.002"]) == 0  # same autoencoder config, other classifier
+    assert "pretraining an autoencoder" not in capsys.readouterr().out  # found by fingerprint
+    client, runs = mlflow_runs(workdir)
+    pre = [r for r in runs if r.data.tags.get("fmnist.role") == "pretraining"]
+    clf = [r for r in runs if r.data.tags.get("fmnist.model") == "encoder_classifier"]
+    assert len(pre) == 1 and len(clf) == 2
+    assert pre[0].data.tags["fmnist.model"] == "autoencoder" and pre[0].data.params["model.latent_dim"] == "8"
+    ae = torch.load(client.download_artifacts(pre[0].info.run_id, "model/state_dict.pt"), weights_only=True)
+    for r in clf:
+        state = torch.load(client.download_artifacts(r.info.run_id, "model/state_dict.pt"), weights_only=True)
+        assert all(torch.equal(ae[k], state[k]) for k in ae if k.startswith("encoder."))
+
+
+def test_finalize_retrains_best_over_seeds_tests_once_and_registers(tiny_overrides, workdir, tmp_path, capsys):
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        n_trials: 3
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    capsys.readouterr()
+    assert main(["finalize", "mine", "--top-k", "2", "--seeds", "2", "trainer.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| trial | val (val/accuracy) | test/accuracy mean ± std |" in out
+    assert "Registered: model `fmnist-mine` version 1" in out
+    client, runs = mlflow_runs(workdir, "mine")
+    finals = [r for r in runs if r.data.tags.get("fmnist.role") == "final"]
+    assert len(finals) == 4
+    for r in finals:
+        assert r.data.params["data.val_fraction"] == "0" and r.data.params["trainer.epochs"] == "2"
+        assert "val/accuracy" not in r.data.metrics and "test/accuracy" in r.data.metrics
+    best = optuna.load_study(study_name="mine", storage=storage(workdir)).best_trial
+    assert {r.data.tags["fmnist.final_of_trial"] for r in finals} >= {str(best.number)}
+    (version,) = client.search_model_versions("name='fmnist-mine'")
+    assert version.run_id in {r.info.run_id for r in finals}
+    parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "study")
+    assert "final/accuracy_mean" in parent.data.metrics
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "cmaes", "gp", "nsga2",
+                                     "_target_: optuna.samplers.QMCSampler"])
+@pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "hyperband", "none"])
+def test_every_sampler_and_pruner_drives_a_study(sampler, pruner, tmp_path):
+    from fmnist_sweep.study import load_sweep, make_pruner, make_sampler
+
+    spec = f"{{{sampler}}}" if sampler.startswith("_target_") else f"{{name: {sampler}}}"
+    sweep = load_sweep(str(sweep_file(tmp_path, f"""
+        objective: val/loss
+        direction: minimize
+        n_trials: 4
+        sampler: {spec}
+        pruner: {{name: {pruner}}}
+        params:
+          optimizer.lr: choice(0.001, 0.01)
+          model.dropout: range(0.0, 0.5, step=0.25)
+    """)))
+    study = optuna.create_study(sampler=make_sampler(sweep, 0), pruner=make_pruner(sweep, 3))
+
+    def objective(trial):
+        overrides = sweep.space.suggest(trial, lambda o: {"optimizer.lr", "model.dropout"})
+        values = dict(o.split("=") for o in overrides)
+        for epoch in (1, 2, 3):  # a loss that the pruners can judge
+            trial.report(float(values["optimizer.lr"]) * epoch, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return float(values["optimizer.lr"]) + float(values["model.dropout"])
+
+    study.optimize(objective, n_trials=4)
+    assert len(study.trials) == 4 and type(study.sampler).__name__.lower().startswith(
+        {"grid": "grid", "cmaes": "cmaes", "gp": "gp", "nsga2": "nsgaii", "tpe": "tpe", "random": "random"}
+        .get(sampler, "qmc"))

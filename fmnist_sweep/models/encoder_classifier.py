@@ -22,8 +22,9 @@ class EncoderClassifier(Classifier):
         if pretrained is not None:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
             self.encoder.load_state_dict(encoder_state(state))
-        self.freeze = freeze
-        if freeze:
+        # Freezing acts on a pretrained encoder only: a frozen random one learns nothing.
+        self.freeze = freeze and pretrained is not None
+        if self.freeze:
             self.encoder.requires_grad_(False)
 
     def train(self, mode=True):
