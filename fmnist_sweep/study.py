@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import math
 import shlex
+import socket
 import sqlite3
 import time
 import warnings
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
@@ -42,6 +44,10 @@ PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.P
 
 class TrialFailed(Exception):
     """A trial whose run failed (diverged, crashed): the study goes on."""
+
+
+class Surplus(Exception):
+    """A trial asked for after the budget was taken by finished and running trials."""
 
 
 @dataclass
@@ -199,6 +205,10 @@ class Study:
                             f"study '{self.name}-{self.sweep.fingerprint[:8]}', or set study.name=NEW.")
         self.tracker = Tracker(cfg.tracking.uri, self.name, cfg.tracking.artifact_root)
         self.parent_run_id = self._parent_run()
+        self.target = self.n_trials
+        self.host = socket.gethostname()
+        self.device = train.device_label(cfg.trainer.device)
+        self.poll_seconds = min(5, cfg.storage.get("heartbeat_interval") or 5)
 
     # --- MLflow ---------------------------------------------------------------------------------
     def _parent_run(self) -> str:
@@ -249,6 +259,13 @@ class Study:
         return set(flat_keys(compose(self.base + ["sweep=null"] + overrides)))
 
     def objective(self, trial: optuna.Trial):
+        trial.set_user_attr("host", self.host)
+        trial.set_user_attr("device", self.device)
+        earlier = [t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number < trial.number]
+        if self._finished() + len(earlier) >= self.target:
+            trial.set_user_attr("fmnist.surplus", True)
+            raise Surplus(f"the budget of {self.target} is taken by finished and running trials")
         trial_overrides = self.sweep.space.suggest(trial, self._keys_for)
         chosen = {o.split("=", 1)[0] for o in trial_overrides}
         line = [o for o in self.base if o.lstrip("+~").split("=", 1)[0] not in chosen] + ["sweep=null"] + trial_overrides
@@ -257,7 +274,7 @@ class Study:
         fp = config_fingerprint(cfg)
         trial.set_user_attr("overrides", shlex.join(line))
         trial.set_user_attr("fingerprint", fp)
-        tags = {"optuna.study": self.name, "optuna.trial_number": trial.number}
+        tags = {"optuna.study": self.name, "optuna.trial_number": trial.number, "fmnist.host": self.host}
         twin = next((t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if t.user_attrs.get("fingerprint") == fp), None)
         if twin is not None:
@@ -299,59 +316,96 @@ class Study:
 
     # --- the loop ------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        counts = {s.name: 0 for s in TrialState}
+        """Trials per state; surplus trials (closed untrained) apart from real failures."""
+        counts = {s.name: 0 for s in TrialState} | {"SURPLUS": 0}
         for t in self.optuna.get_trials(deepcopy=False):
-            counts[t.state.name] += 1
+            surplus = t.state == TrialState.FAIL and t.user_attrs.get("fmnist.surplus")
+            counts["SURPLUS" if surplus else t.state.name] += 1
         return counts
 
     def optimize(self, more: int | None = None) -> None:
-        done = sum(self.counts()[s.name] for s in COUNTED)
-        target = done + more if more is not None else self.n_trials
-        if done >= target:
-            print(f"study {self.name}: {done} of {target} trials already done; --more N adds trials")
+        """Run trials until the study holds its budget of COMPLETE+PRUNED trials.
+
+        Many processes may run this on one storage. A worker asks for its next trial
+        as soon as it is free; a trial that finds the budget already taken by finished
+        trials plus running trials numbered below it is surplus: it is closed at once
+        (FAIL, tagged surplus, never trained) and its worker waits until the running
+        trials finish (then exits) or one of them dies (then takes its place)."""
+        self.target = self.n_trials if more is None else self._finished() + more
+        if self._finished() >= self.target:
+            print(f"study {self.name}: {self._finished()} of {self.target} trials already done; "
+                  "--more N adds trials")
             return
-        print(f"study {self.name}: {done} of {target} trials done, {target - done} to run "
-              f"(storage {self._where()}, MLflow experiment '{self.name}')", flush=True)
-        started, t0 = done, time.perf_counter()
-        max_failures = self.sweep.max_failures or max(3, target - done)
-        failures = 0
-
-        def progress(study, frozen):
-            nonlocal failures
-            c = self.counts()
-            finished = c["COMPLETE"] + c["PRUNED"]
-            failures += frozen.state == TrialState.FAIL
-            if frozen.state == TrialState.FAIL:
-                shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
-            elif frozen.state == TrialState.PRUNED:
-                value = frozen.intermediate_values.get(frozen.last_step)
-                shown = f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
-            elif frozen.values is not None:
-                shown = f"{frozen.state.name} " + " ".join(f"{m} {v:.4f}" for (m, _), v in
-                                                           zip(self.sweep.objectives, frozen.values))
-            else:
-                shown = frozen.state.name + (f" at epoch {frozen.last_step}" if frozen.last_step else "")
-            rate = (time.perf_counter() - t0) / max(1, finished - started)
-            eta = rate * max(0, target - finished)
-            best = self.best_text()
-            print(f"trial {frozen.number}: {shown} | {finished}/{target} done ({c['COMPLETE']} complete, "
-                  f"{c['PRUNED']} pruned, {c['FAIL']} failed) | {best} | ETA {_duration(eta)}", flush=True)
-            if finished >= target:
-                study.stop()
-            if failures >= max_failures:
-                print(f"stopping: {failures} trials failed in this session (max_failures {max_failures})")
-                study.stop()
-
-        # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
-        optuna.storages.fail_stale_trials(self.optuna)
-        self._end_orphans()
-        try:
-            self.optuna.optimize(self.objective, callbacks=[progress], catch=(TrialFailed,))
-        except KeyboardInterrupt:
-            self.tracker.end(self.parent_run_id, "KILLED")
-            raise
+        print(f"study {self.name}: {self._finished()} of {self.target} trials done, "
+              f"{self.target - self._finished()} to run (storage {self._where()}, "
+              f"MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
+        self._t0, self._started, self._failures = time.perf_counter(), self._finished(), 0
+        self._max_failures = self.sweep.max_failures or max(3, self.target - self._started)
+        lost = 0
+        while True:
+            # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
+            optuna.storages.fail_stale_trials(self.optuna)
+            self._end_orphans()
+            try:
+                self.optuna.optimize(self.objective, callbacks=[self._after_trial], catch=(TrialFailed, Surplus))
+                break
+            except KeyboardInterrupt:
+                self.tracker.end(self.parent_run_id, "KILLED")
+                raise
+            except sqlalchemy.exc.DBAPIError as e:  # connection cut: the pool reconnects (pre-ping)
+                lost += 1
+                if lost > 5:
+                    raise UserError(f"lost the study storage {self._where()} {lost} times: "
+                                    f"{str(e).splitlines()[0]}") from None
+                print(f"storage connection lost ({str(e).splitlines()[0][:80]}); reconnecting", flush=True)
+                time.sleep(2)
         self._end_orphans()
         self.tracker.end(self.parent_run_id, "FINISHED")
+
+    def _finished(self) -> int:
+        c = self.counts()
+        return sum(c[s.name] for s in COUNTED)
+
+    def _after_trial(self, study, frozen) -> None:
+        surplus = frozen.user_attrs.get("fmnist.surplus", False)
+        if not surplus:
+            self._print_trial(frozen)
+            self._failures += frozen.state == TrialState.FAIL
+            if self._failures >= self._max_failures:
+                print(f"stopping: {self._failures} trials failed in this session "
+                      f"(max_failures {self._max_failures})", flush=True)
+                study.stop()
+                return
+        said = False
+        while True:  # budget taken by trials still running: wait for them, or for a place
+            if self._finished() >= self.target:
+                study.stop()
+                return
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if self._finished() + running < self.target:
+                return
+            if not said:
+                print(f"waiting: the last {running} trials are running in other workers", flush=True)
+                said = True
+            time.sleep(self.poll_seconds)
+            optuna.storages.fail_stale_trials(study)
+
+    def _print_trial(self, frozen) -> None:
+        c = self.counts()
+        finished = c["COMPLETE"] + c["PRUNED"]
+        if frozen.state == TrialState.FAIL:
+            shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
+        elif frozen.state == TrialState.PRUNED:
+            value = frozen.intermediate_values.get(frozen.last_step)
+            shown = f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
+        else:
+            shown = f"{frozen.state.name} " + " ".join(
+                f"{m} {v:.4f}" for (m, _), v in zip(self.sweep.objectives, frozen.values or []))
+        rate = (time.perf_counter() - self._t0) / max(1, finished - self._started)
+        eta = rate * max(0, self.target - finished)
+        print(f"trial {frozen.number}: {shown} | {finished}/{self.target} done ({c['COMPLETE']} complete, "
+              f"{c['PRUNED']} pruned, {c['FAIL']} failed) | {self.best_text()} | "
+              f"ETA {_duration(eta)}", flush=True)
 
     def _where(self) -> str:
         url = str(self.cfg.storage.get("url") or self.cfg.storage.get("path"))

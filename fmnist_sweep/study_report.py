@@ -21,7 +21,9 @@ def trial_rows(study: Study) -> list[dict]:
                      "values": t.values, "last_step": t.last_step,
                      "params": t.params, "seconds": seconds,
                      "overrides": t.user_attrs.get("overrides", ""),
+                     "host": t.user_attrs.get("host", ""), "device": t.user_attrs.get("device", ""),
                      "duplicate_of": t.user_attrs.get("duplicate_of"),
+                     "surplus": t.user_attrs.get("fmnist.surplus", False),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id", "")})
     return rows
 
@@ -39,7 +41,9 @@ def markdown(study: Study) -> str:
              f"Sweep `sweeps/{study.sweep.name}.yaml`; objective: "
              + ", ".join(f"{d} {m}" for m, d in objectives) + f"; budget {study.n_trials} trials.", "",
              f"Trials: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, "
-             f"{c['RUNNING']} running, {c['WAITING']} waiting.", ""]
+             f"{c['RUNNING']} running, {c['WAITING']} waiting"
+             + (f", {c['SURPLUS']} surplus (asked after the budget was taken, not trained)" if c["SURPLUS"] else "")
+             + ".", ""]
     best = best_trials(study)
     if best:
         lines += ["## Best", ""]
@@ -48,14 +52,16 @@ def markdown(study: Study) -> str:
             lines += [f"- trial {t.number}: {vals}", f"  `python -m fmnist_sweep {t.user_attrs.get('overrides', '')}`"]
         lines.append("")
     keys = sorted({k for r in trial_rows(study) for k in r["params"]})
-    header = ["trial", "state", *(m for m, _ in objectives), *keys, "seconds"]
+    header = ["trial", "state", *(m for m, _ in objectives), *keys, "seconds", "host"]
     lines += ["## Trials", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in trial_rows(study):
+        if r["surplus"]:
+            continue
         values = r["values"] or [None] * len(objectives)
         cells = [str(r["number"]), r["state"] + (f" (= {r['duplicate_of']})" if r["duplicate_of"] is not None else ""),
                  *(_fmt(v) if v is not None else "" for v in values),
                  *(_fmt(r["params"].get(k, "")) for k in keys),
-                 f"{r['seconds']:.0f}" if r["seconds"] is not None else ""]
+                 f"{r['seconds']:.0f}" if r["seconds"] is not None else "", r["host"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

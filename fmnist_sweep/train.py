@@ -47,6 +47,14 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_label(setting: str) -> str:
+    """Where runs of this process train, for the record (no warnings printed)."""
+    if setting == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    index = int(setting.split(":")[1]) if ":" in setting else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16 units, where bf16 autocast is real speed on a CPU."""
     try:
@@ -300,9 +308,15 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         raise
     except Exception as e:  # the run fails, the process hosting it (a study, a worker) goes on
         detail = traceback.format_exc()
+        if isinstance(e, torch.OutOfMemoryError):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # so the worker's next trial starts with a clean device
+            e = UserError(f"out of device memory at trainer.batch_size={tcfg.batch_size}: "
+                          "lower trainer.batch_size, or run fewer workers per GPU")
         tracker.log(run_id, {}, tags={"fmnist.failure": detail[-5000:]})
         tracker.end(run_id, "FAILED")
-        result.status, result.message = "FAILED", f"{type(e).__name__}: {e}"
+        result.status = "FAILED"
+        result.message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         result.traceback = detail
         return result
 
