@@ -4,6 +4,7 @@
     python -m fmnist_sweep status STUDY [override ...]   the study's trials
     python -m fmnist_sweep report STUDY [override ...]   refresh its MLflow artifacts, print its summary
     python -m fmnist_sweep finalize STUDY [...]          retrain its best on train+val, test, register
+    python -m fmnist_sweep workers -n N [override ...]   N local workers of one study
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep status STUDY [override ...]
        python -m fmnist_sweep report STUDY [override ...]
        python -m fmnist_sweep finalize STUDY [--top-k K] [--seeds S] [override ...]
+       python -m fmnist_sweep workers -n N [--per-gpu K] [override ...]
 
 Train one model with the configuration Hydra composes from conf/ and the
 overrides (key=value, group=option), recording the run in MLflow. With a sweep
@@ -29,19 +31,22 @@ examples:
   python -m fmnist_sweep +experiment=quickstart --more 5
   python -m fmnist_sweep status quickstart
   python -m fmnist_sweep finalize quickstart --top-k 3 --seeds 3 trainer.epochs=15
+  python -m fmnist_sweep workers -n 2 +experiment=cnn_arch storage=postgres tracking=server
 
 options:
   --more N     run N trials more than the study has (default: fill its n_trials)
   --fork       the sweep's search space changed: start a new study beside the old one
   --top-k K    finalize: how many of the best configurations to retrain (default 3)
   --seeds S    finalize: seeds per configuration (default 3)
+  -n N         workers: how many (CPU: cores are split so workers x threads = cores)
+  --per-gpu K  workers: how many share one GPU (default 1)
   --cfg        print the composed configuration and exit
   --verbose    show full tracebacks on errors (also HYDRA_FULL_ERROR=1)
   -h, --help   this text
 """
 
 COMMANDS = ("status", "report", "finalize")
-NUMBER_OPTIONS = {"--more": "more", "--top-k": "top_k", "--seeds": "seeds"}
+NUMBER_OPTIONS = {"--more": "more", "--top-k": "top_k", "--seeds": "seeds", "-n": "n", "--per-gpu": "per_gpu"}
 
 
 def _browse_hint(tracking_uri: str) -> str:
@@ -54,9 +59,11 @@ def _parse(argv: list[str]):
     from .errors import UserError
 
     opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "top_k": 3, "seeds": 3,
-            "command": None, "study": None}
+            "n": None, "per_gpu": 1, "command": None, "study": None}
     rest, i = [], 0
-    if argv and argv[0] in COMMANDS:
+    if argv and argv[0] == "workers":
+        opts["command"], i = "workers", 1
+    elif argv and argv[0] in COMMANDS:
         if len(argv) < 2 or "=" in argv[1] or argv[1].startswith("-"):
             raise UserError(f"usage: python -m fmnist_sweep {argv[0]} STUDY [override ...]")
         opts["command"], opts["study"], i = argv[0], argv[1], 2
@@ -86,11 +93,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         opts, overrides = _parse(argv)
-        if opts["command"]:
+        if opts["command"] and opts["command"] != "workers":
             return _study_command(opts, overrides)
         from .config import compose
 
         cfg = compose(overrides)
+        if opts["command"] == "workers":
+            if cfg.sweep is None:
+                raise UserError("workers run a study: add +experiment=NAME (or sweep=NAME)")
+            if not opts["n"]:
+                raise UserError("workers needs -n N, the number of worker processes")
+            from .workers import launch
+
+            return launch(cfg, overrides, opts["n"], opts["per_gpu"], opts["more"])
         if opts["cfg"]:
             from omegaconf import OmegaConf
 
@@ -138,7 +153,8 @@ def _run_study(cfg, overrides, more, fork) -> int:
     try:
         study.optimize(more)
     finally:
-        study_report.publish(study)
+        if "FMNIST_WORKER" not in os.environ:  # under `workers`, the launcher publishes once
+            study_report.publish(study)
     c = study.counts()
     print(f"\nstudy {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
           f"in {time.perf_counter() - t0:.0f} s")

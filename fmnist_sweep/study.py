@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import os
 import shlex
 import socket
 import sqlite3
@@ -153,14 +154,25 @@ def make_storage(cfg_storage: DictConfig):
             with sqlite3.connect(path) as db:  # WAL is stored in the file: set once, for every process
                 db.execute("PRAGMA journal_mode=WAL")
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg_storage.max_retry)
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else
-                {"connect_args": {"timeout": 60}},
-                heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period,
-                heartbeat_stale_trial_callback=retry)
-        except Exception as e:
-            raise UserError(f"cannot open the Optuna storage {url.split('@')[-1]}: {str(e).splitlines()[0]}") from None
+        error: Exception = RuntimeError("the schema could not be created")
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else
+                    {"connect_args": {"timeout": 60}},
+                    heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period,
+                    heartbeat_stale_trial_callback=retry)
+            except sqlalchemy.exc.IntegrityError as e:
+                # Workers starting together on a fresh database race to create the schema:
+                # the loser finds it made on its next attempt.
+                error = e
+                time.sleep(0.5 * (attempt + 1))
+            except Exception as e:
+                error = e
+                break
+        raise UserError(f"cannot open the Optuna storage {url.split('@')[-1]}: {str(error).splitlines()[0]}. "
+                        "Fix: check storage.url ($FMNIST_STORAGE_URL, or PGHOST/PGPORT/PGUSER/"
+                        "PGDATABASE/PGPASSWORD) and that the server is up.")
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     path = Path(cfg_storage.path).expanduser().resolve()
@@ -260,6 +272,7 @@ class Study:
 
     def objective(self, trial: optuna.Trial):
         trial.set_user_attr("host", self.host)
+        trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
         trial.set_user_attr("device", self.device)
         earlier = [t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if t.number < trial.number]

@@ -52,7 +52,8 @@ def device_label(setting: str) -> str:
     if setting == "cpu" or not torch.cuda.is_available():
         return "cpu"
     index = int(setting.split(":")[1]) if ":" in setting else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)}" + (f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -1,0 +1,84 @@
+"""Start N local workers of one study, each on its own GPU slot or CPU cores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from .errors import UserError
+
+
+def layout(n: int, per_gpu: int, gpus: int, cores: list[int]) -> list[dict]:
+    """Per worker: the environment and CPU cores it gets.
+
+    GPUs: worker i uses GPU i // per_gpu (one GPU each by default), and an equal
+    share of the cores for its threads. CPU only: the cores are split evenly so that
+    workers x threads = cores; more workers than cores get one thread each, pinned
+    round-robin (never several threads each: oversubscribed OpenMP collapses ~16x)."""
+    if gpus:
+        if n > gpus * per_gpu:
+            raise UserError(f"{n} workers need {-(-n // per_gpu)} GPUs at {per_gpu} per GPU; this machine has "
+                            f"{gpus}. Use -n {gpus * per_gpu} or --per-gpu {-(-n // gpus)}.")
+    elif n > len(cores):
+        print(f"warning: {n} workers on {len(cores)} cores: each gets 1 thread and they take turns "
+              "(worth it only when trials wait on I/O more than they compute)")
+    share = max(1, len(cores) // n)
+    slots = []
+    for i in range(n):
+        mine = cores[i * share:(i + 1) * share] or [cores[i % len(cores)]]
+        env = {"OMP_NUM_THREADS": str(len(mine)), "MKL_NUM_THREADS": str(len(mine)),
+               "FMNIST_WORKER": str(i)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i // per_gpu)
+        slots.append({"env": env, "cores": mine})
+    return slots
+
+
+def _pump(stream, prefix: str) -> None:
+    for line in iter(stream.readline, ""):
+        sys.stdout.write(prefix + line)
+        sys.stdout.flush()
+
+
+def launch(cfg, overrides: list[str], n: int, per_gpu: int, more: int | None) -> int:
+    """Create the study once (its storage schema, MLflow experiment and parent run:
+    racing processes on a fresh store corrupt it), then run the workers to its end."""
+    import torch
+
+    from . import study_report
+    from .study import Study
+
+    study = Study(cfg, overrides)
+    target = study.n_trials if more is None else study._finished() + more
+    gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
+    cores = sorted(os.sched_getaffinity(0))
+    slots = layout(n, per_gpu, gpus, cores)
+    print(f"study {study.name}: {n} workers to {target} trials; "
+          + ", ".join(f"w{i}: " + (f"GPU {s['env']['CUDA_VISIBLE_DEVICES']}, " if gpus else "")
+                      + f"cores {s['cores']}" for i, s in enumerate(slots)), flush=True)
+    args = [sys.executable, "-m", "fmnist_sweep",
+            *[o for o in overrides if not o.startswith("study.n_trials=")], f"study.n_trials={target}"]
+    procs = []
+    for i, slot in enumerate(slots):
+        cores_i = slot["cores"]
+        p = subprocess.Popen(args, env={**os.environ, **slot["env"]}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, bufsize=1,
+                             preexec_fn=lambda c=cores_i: os.sched_setaffinity(0, c))
+        threading.Thread(target=_pump, args=(p.stdout, f"[w{i}] "), daemon=True).start()
+        procs.append(p)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    study_report.publish(study)
+    c = study.counts()
+    print(f"study {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed; "
+          f"worker exit codes {codes}; {study.best_text()}")
+    return max(codes)

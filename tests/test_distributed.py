@@ -1,0 +1,157 @@
+"""Many workers on one study: real PostgreSQL (Optuna storage) and a real `mlflow server`."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from fmnist_sweep.config import resource_dir
+
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.fixture
+def dist(tiny_overrides, workdir, pg_database, mlflow_server, tmp_path):
+    """Command and environment of a worker: storage=postgres tracking=server, URLs from env."""
+    name = f"dist{os.getpid()}{int(time.time() * 1000) % 10**8}"
+    sweep = tmp_path / f"{name}.yaml"
+    sweep.write_text(textwrap.dedent("""
+        objective: val/accuracy
+        n_trials: 24
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """))
+    env = dict(os.environ, FMNIST_STORAGE_URL=pg_database, MLFLOW_TRACKING_URI=mlflow_server,
+               PYTHONPATH=str(resource_dir("conf").parent))
+    args = [f"sweep={sweep}", "storage=postgres", "tracking=server", *tiny_overrides]
+
+    class Dist:
+        pass
+
+    d = Dist()
+    d.name, d.env, d.args, d.url, d.uri, d.cwd = name, env, args, pg_database, mlflow_server, workdir
+    d.cmd = [sys.executable, "-m", "fmnist_sweep"]
+    d.trials = lambda: optuna.load_study(study_name=name, storage=pg_database).trials
+    return d
+
+
+def mlflow_view(d):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(d.uri)
+    exps = [e for e in client.search_experiments() if e.name == d.name]
+    runs = client.search_runs([e.experiment_id for e in exps]) if exps else []
+    return client, exps, runs
+
+
+def check_exact(d, n):
+    ts = d.trials()
+    counted = [t for t in ts if t.state in COUNTED]
+    assert len(counted) == n
+    client, exps, runs = mlflow_view(d)
+    assert len(exps) == 1
+    parents = [r for r in runs if r.data.tags.get("fmnist.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    finished = [r for r in children if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED")]
+    numbers = [int(r.data.tags["optuna.trial_number"]) for r in finished]
+    assert sorted(numbers) == sorted(t.number for t in counted)  # one run per trial, none twice
+    return ts, children
+
+
+def test_four_workers_finish_exactly_the_budget(dist):
+    proc = subprocess.run([*dist.cmd, "workers", "-n", "4", *dist.args], cwd=dist.cwd, env=dist.env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[w3]" in proc.stdout and "worker exit codes [0, 0, 0, 0]" in proc.stdout
+    ts, children = check_exact(dist, 24)
+    assert len({t.user_attrs["worker"] for t in ts if t.state in COUNTED}) >= 2  # shared by workers
+    assert all(t.user_attrs["host"] and t.user_attrs["device"] == "cpu" for t in ts)
+    assert all(r.data.tags["fmnist.host"] for r in children)
+
+
+def test_killed_worker_loses_nothing(dist):
+    args = [*dist.args, "study.n_trials=6", "trainer.epochs=4", "storage.heartbeat_interval=1",
+            "storage.grace_period=3"]
+    victim = subprocess.Popen([*dist.cmd, *args], cwd=dist.cwd, env=dist.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    running = []
+    while time.time() < deadline and not running:
+        try:
+            running = [t for t in dist.trials() if t.state == TrialState.RUNNING
+                       and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    assert running, "the victim never started a trial"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    survivor = subprocess.run([*dist.cmd, *args], cwd=dist.cwd, env=dist.env, capture_output=True,
+                              text=True, timeout=600)
+    assert survivor.returncode == 0, survivor.stdout[-3000:] + survivor.stderr[-3000:]
+    ts, _ = check_exact(dist, 6)
+    killed = next(t for t in ts if t.number == running[0].number)
+    assert killed.state == TrialState.FAIL
+    retried = [t for t in ts if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number]
+    assert len(retried) == 1 and retried[0].state in COUNTED and retried[0].params == killed.params
+
+
+def test_workers_recover_when_database_connections_are_cut(dist):
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(dist.url)
+    procs = [subprocess.Popen([*dist.cmd, *dist.args, "study.n_trials=12"], cwd=dist.cwd, env=dist.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [[], []]
+    for p, out in zip(procs, outputs):
+        threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True).start()
+    admin = psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username, dbname="postgres")
+    admin.autocommit = True
+    cut = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and cut < 3:
+        try:
+            n = sum(t.state == TrialState.COMPLETE for t in dist.trials())
+        except KeyError:
+            n = 0
+        if n >= 2 * (cut + 1):  # cut every worker connection, three times over the study
+            admin.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (url.database,))
+            cut += 1
+        time.sleep(0.1)
+    codes = [p.wait(600) for p in procs]
+    admin.close()
+    assert cut == 3
+    assert codes == [0, 0], "".join(outputs[0][-30:] + outputs[1][-30:])
+    check_exact(dist, 12)
+
+
+def test_two_workers_starting_together_share_one_experiment_and_parent(dist):
+    args = [*dist.args, "study.n_trials=2"]
+    procs = [subprocess.Popen([*dist.cmd, *args], cwd=dist.cwd, env=dist.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    check_exact(dist, 2)
+
+
+def test_unreachable_postgres_is_one_clear_error(tiny_overrides, workdir, capsys, monkeypatch):
+    from fmnist_sweep.cli import main
+
+    monkeypatch.setenv("FMNIST_STORAGE_URL", "postgresql+psycopg2://nobody@127.0.0.1:1/none")
+    assert main(["+experiment=quickstart", "storage=postgres", *tiny_overrides]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the Optuna storage 127.0.0.1:1/none" in err and "FMNIST_STORAGE_URL" in err
