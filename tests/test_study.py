@@ -355,3 +355,33 @@ def test_every_sampler_and_pruner_drives_a_study(sampler, pruner, tmp_path):
     assert len(study.trials) == 4 and type(study.sampler).__name__.lower().startswith(
         {"grid": "grid", "cmaes": "cmaes", "gp": "gp", "nsga2": "nsgaii", "tpe": "tpe", "random": "random"}
         .get(sampler, "qmc"))
+
+
+def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, workdir, tmp_path, monkeypatch,
+                                                               capsys):
+    # No GPU here: the CUDA allocator's error is raised where a real one would surface.
+    from fmnist_sweep import train
+
+    real, calls = train.train_epoch, []
+
+    def first_call_oom(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", first_call_oom)
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        n_trials: 2
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    assert "FAIL (out of device memory at trainer.batch_size=32: lower trainer.batch_size" in capsys.readouterr().out
+    ts = trials(workdir, "mine")
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    client, _ = mlflow_runs(workdir, "mine")
+    failed = client.get_run(ts[0].user_attrs["mlflow_run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"

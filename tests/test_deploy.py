@@ -1,0 +1,98 @@
+"""docker-compose.yml, the Dockerfile and the SLURM script: parsed and checked here
+(no Docker engine or SLURM runs on this machine; their configs can still be read)."""
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmnist_sweep.config import compose
+from fmnist_sweep.workers import layout
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_healthchecks_volumes_ports():
+    services = COMPOSE["services"]
+    assert {"postgres", "mlflow", "dashboard", "worker", "worker-gpu"} <= set(services)
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
+    assert {"pgdata", "mlartifacts", "fmnist-cache"} <= set(COMPOSE["volumes"])
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    assert "--serve-artifacts" in services["mlflow"]["command"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["count"] == 1 and gpu["capabilities"] == ["gpu"]
+
+
+def test_workers_run_the_distributed_command_and_it_composes(monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "unused")
+    for name in ("worker", "worker-gpu"):
+        command = [c.replace("${EXPERIMENT:-quickstart}", "quickstart") for c in COMPOSE["services"][name]["command"]]
+        assert "storage=postgres" in command and "tracking=server" in command
+        monkeypatch.setenv("FMNIST_STORAGE_URL", COMPOSE["services"][name]["environment"]["FMNIST_STORAGE_URL"])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+        cfg = compose(command)
+        assert cfg.storage.url == "postgresql+psycopg2://fmnist@postgres:5432/fmnist"
+        assert cfg.tracking.uri == "http://mlflow:5000" and cfg.sweep == "quickstart"
+
+
+def test_no_secret_is_inline():
+    text = (ROOT / "docker-compose.yml").read_text()
+    for key, value in re.findall(r"^\s*(\w*PASSWORD\w*):\s*(.+)$", text, re.M):
+        assert value.startswith("${POSTGRES_PASSWORD:?"), f"{key} is not taken from .env"
+    assert not re.search(r"postgres(ql)?(\+\w+)?://[^@\s]*:[^@\s]*@", text), "a password inside a URL"
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert "POSTGRES_PASSWORD=" in (ROOT / ".env.example").read_text()
+
+
+def test_docker_compose_config_parses(tmp_path):
+    cli = shutil.which("docker-compose")
+    if cli is None:
+        pytest.skip("no docker-compose client here (.ci/run installs Debian's)")
+    env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": "x"}
+    ok = subprocess.run([cli, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run([cli, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                             env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
+
+
+def test_dockerfile_installs_the_wheel_with_its_configs():
+    text = (ROOT / "Dockerfile").read_text()
+    for line in ("COPY conf conf", "COPY sweeps sweeps", 'pip install --no-cache-dir ".[postgres,dashboard]"'):
+        assert line in text
+    assert 'ENTRYPOINT ["python", "-m", "fmnist_sweep"]' in text
+
+
+def test_slurm_script_is_valid_bash_and_runs_the_same_worker_command(monkeypatch):
+    script = ROOT / "slurm" / "workers.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --array=" in text and "#SBATCH --gres=gpu:1" in text
+    line = next(l for l in text.splitlines() if l.startswith("srun "))
+    args = [a.replace("${EXPERIMENT:-cnn_arch}", "cnn_arch") for a in shlex.split(line)[4:]]
+    monkeypatch.setenv("FMNIST_STORAGE_URL", "postgresql+psycopg2://u@db/fmnist")
+    assert compose(args).sweep == "cnn_arch"
+
+
+def test_worker_layout_splits_cores_and_gpus():
+    cpu = layout(2, 1, 0, [0, 1])
+    assert [s["cores"] for s in cpu] == [[0], [1]] and cpu[0]["env"]["OMP_NUM_THREADS"] == "1"
+    one = layout(1, 1, 0, [0, 1])
+    assert one[0]["cores"] == [0, 1] and one[0]["env"]["OMP_NUM_THREADS"] == "2"
+    gpu = layout(4, 2, 2, list(range(8)))
+    assert [s["env"]["CUDA_VISIBLE_DEVICES"] for s in gpu] == ["0", "0", "1", "1"]
+    assert [len(s["cores"]) for s in gpu] == [2, 2, 2, 2]
+    from fmnist_sweep.errors import UserError
+
+    with pytest.raises(UserError, match="need 3 GPUs at 1 per GPU; this machine has 2"):
+        layout(3, 1, 2, [0, 1])
