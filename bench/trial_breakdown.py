@@ -1,5 +1,5 @@
 """Where a study trial's wall time goes: training, evaluation, Optuna storage, MLflow
-logging (with artifact rendering), and the rest (Hydra composition, data, start-up).
+logging, artifact rendering, and the rest (Hydra composition, data, start-up).
 
     python bench/trial_breakdown.py                      # quickstart experiment, 3 trials
     python bench/trial_breakdown.py --quick              # tiny slice, 2 trials: checks it runs
@@ -49,16 +49,15 @@ def main():
 
     timed(train, "train_epoch", "train")
     timed(train, "evaluate", "evaluate")
-    timed(train, "_write_artifacts", "mlflow logging")  # rendering the plots/tables it logs
+    timed(train, "_write_artifacts", "artifact rendering (plots, tables, weights)")
     for name in ("start", "log", "log_artifacts", "end"):
         timed(Tracker, name, "mlflow logging")
     for cls in (optuna.storages.RDBStorage, optuna.storages.JournalStorage):
         for name in [n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))]:
             timed(cls, name, "optuna storage")
 
-    overrides = ["+experiment=quickstart", f"study.n_trials={args.trials}", *args.overrides]
-    if args.quick:
-        overrides += ["data.train_fraction=0.01", "trainer.epochs=1", "study.n_trials=2"]
+    quick = ["data.train_fraction=0.01", "trainer.epochs=1", "study.n_trials=2"] if args.quick else []
+    overrides = ["+experiment=quickstart", f"study.n_trials={args.trials}", *quick, *args.overrides]
     study = Study(compose(overrides), overrides)
     SPENT.clear()  # count the trials only, not opening the study
     t0 = time.perf_counter()

@@ -184,6 +184,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     torch.set_num_threads(threads_for(tcfg.threads))
     device = select_device(tcfg.device)
     data = dataset(cfg.data, device)
+    if not len(data.train):
+        raise UserError(f"data.train_fraction={cfg.data.train_fraction} leaves no training image: raise it.")
 
     tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     model_kwargs = {}

@@ -1,0 +1,52 @@
+"""Trials per hour of one fixed small study with 1, 2 and 4 local CPU workers.
+
+Each layout runs the same study from scratch (fresh stores) through
+`python -m fmnist_sweep workers -n N`, so start-up, storage and MLflow costs are in.
+
+    python bench/workers.py                        # 1, 2, 4 workers, SQLite + local MLflow
+    python bench/workers.py --quick                # 2 trials, 1 and 2 workers: checks it runs
+    python bench/workers.py storage=postgres       # any overrides (e.g. a shared PostgreSQL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SMALL = ["+experiment=quickstart", "data.train_fraction=0.02", "data.val_fraction=0.02", "trainer.epochs=2"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    layouts = [int(n) for n in args.workers.split(",")]
+    if args.quick:
+        layouts, args.trials = [1, 2], 2
+    print(f"study: {' '.join(SMALL + args.overrides)} study.n_trials={args.trials}; {os.cpu_count()} cores")
+    base = None
+    for n in layouts:
+        work = tempfile.mkdtemp(prefix=f"fmnist-workers{n}-")
+        cmd = [sys.executable, "-m", "fmnist_sweep", "workers", "-n", str(n), *SMALL, *args.overrides,
+               f"study.n_trials={args.trials}", f"study.name=bench-workers-{n}-{int(time.time())}"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=work, env=dict(os.environ, FMNIST_SWEEP_DIR=work),
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            sys.exit(f"{n} workers failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        rate = args.trials / wall * 3600
+        base = base or rate
+        print(f"{n} worker(s) x {max(1, os.cpu_count() // n)} thread(s): {wall:6.1f} s for {args.trials} trials, "
+              f"{rate:7.0f} trials/hour, {rate / base:4.2f}x the 1-worker rate", flush=True)
+
+
+if __name__ == "__main__":
+    main()
