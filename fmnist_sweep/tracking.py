@@ -55,14 +55,23 @@ class Tracker:
                 location = ((Path(artifact_root).expanduser().resolve() / experiment).as_uri()
                             if artifact_root else None)
                 try:
-                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                    # The kind makes MLflow's UI open the experiment as model training, not GenAI.
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=location,
+                        tags={"mlflow.experimentKind": "custom_model_development"})
                 except MlflowException:  # another process created it first
                     self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
             else:
                 self.experiment_id = exp.experiment_id
         except MlflowException as e:
-            raise UserError(f"MLflow tracking store {self.uri} is not usable: {str(e).splitlines()[0]}. "
-                            "Fix: check tracking.uri / $MLFLOW_TRACKING_URI (is the server up?).") from None
+            text = str(e)
+            reason = next((r for r in ("Connection refused", "timed out", "Name or service not known",
+                                       "No route to host") if r in text), None)
+            if reason and self.uri.startswith("http"):
+                raise UserError(f"MLflow tracking server {self.uri} is unreachable ({reason.lower()}). Fix: start "
+                                "it, or point $MLFLOW_TRACKING_URI at it; tracking=local needs no server.") from None
+            raise UserError(f"MLflow tracking store {self.uri} is not usable: {text.splitlines()[0][:300]}. "
+                            "Fix: check tracking.uri / $MLFLOW_TRACKING_URI.") from None
 
     def start(self, name: str, params: dict, tags: dict, parent_run_id: str | None = None) -> str:
         from mlflow.entities import Param, RunTag

@@ -183,11 +183,12 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     tcfg = cfg.trainer
     torch.set_num_threads(threads_for(tcfg.threads))
     device = select_device(tcfg.device)
+    # The tracking store first: an unreachable server fails the run before any work.
+    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     data = dataset(cfg.data, device)
     if not len(data.train):
         raise UserError(f"data.train_fraction={cfg.data.train_fraction} leaves no training image: raise it.")
 
-    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     model_kwargs = {}
     if "pretrained" in cfg.model:
         model_kwargs["pretrained"] = _checkpoint(cfg, overrides, tracker, parent_run_id)
