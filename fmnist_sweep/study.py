@@ -365,7 +365,8 @@ class Study:
             except KeyboardInterrupt:
                 self.tracker.end(self.parent_run_id, "KILLED")
                 raise
-            except sqlalchemy.exc.DBAPIError as e:  # connection cut: the pool reconnects (pre-ping)
+            except (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError) as e:
+                # A cut connection (Optuna wraps some as StorageInternalError): the pool reconnects (pre-ping).
                 lost += 1
                 if lost > 5:
                     raise UserError(f"lost the study storage {self._where()} {lost} times: "

@@ -14,6 +14,8 @@ PARAM_LIMIT = 100  # MLflow accepts at most 100 params per log_batch request
 # Fail a trial quickly when a tracking server is down, instead of retrying for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+# Our own lines say where runs are; MLflow's per-run "View run at" links would repeat them.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # Schema creation on a fresh store is routine, not news.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
