@@ -76,7 +76,7 @@ class Tracker:
                             "Fix: check tracking.uri / $MLFLOW_TRACKING_URI.") from None
 
     def start(self, name: str, params: dict, tags: dict, parent_run_id: str | None = None) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         tags = dict(tags)
         if parent_run_id:

@@ -116,6 +116,23 @@ def _database():
         conn.close()
 
 
+def wait_http(url: str, proc, seconds: float = 120, what: str = "server") -> None:
+    """Until ``url`` answers, or fail if ``proc`` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(f"{what} did not answer at {url}")
+            time.sleep(0.5)
+
+
 def free_port() -> int:
     import socket
 
@@ -129,8 +146,6 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free loopback port, PostgreSQL backend, served artifacts."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     gen = _database()
     backend = next(gen)
@@ -143,16 +158,7 @@ def mlflow_server(tmp_path_factory):
          "--port", str(port), "--workers", "1"],
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start: see {log.name}")
-            time.sleep(0.5)
+    wait_http(uri + "/health", proc, what=f"mlflow server (log: {log.name})")
     yield uri
     proc.terminate()
     proc.wait(30)

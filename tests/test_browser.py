@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the screenshot goes: a CI artifact folder (git-ignored).
@@ -60,14 +60,7 @@ def mlflow_ui(tiny_overrides, workdir, tmp_path):
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow ui did not start"
-            time.sleep(0.5)
+    wait_http(url + "/health", proc, what="mlflow ui")
     yield url
     proc.terminate()
     proc.wait(30)

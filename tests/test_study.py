@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from fmnist_sweep.cli import main
-from fmnist_sweep.config import compose, group_options, resource_dir
+from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.study import load_sweep, sweep_names
 from tests.conftest import mlflow_runs
@@ -268,7 +268,7 @@ def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
     study = optuna.create_study(directions=[d for _, d in sweep.objectives])
     trial = study.ask()
     base = [f"+experiment={experiment}", "sweep=null"]
-    overrides = sweep.space.suggest(trial, lambda o: set(__import__("fmnist_sweep.config").config.flat_keys(compose(base + o))))
+    overrides = sweep.space.suggest(trial, lambda o: set(flat_keys(compose(base + o))))
     trial_cfg = compose(base + overrides)
     assert trial_cfg.sweep is None and trial_cfg.trainer.test is False
 

@@ -2,17 +2,15 @@
 optuna-dashboard; and the errors a newcomer can cause end in one helpful line."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_http
 
 BIN = Path(sys.executable).parent
 
@@ -42,14 +40,8 @@ def test_optuna_dashboard_serves_our_study(study_store):
     proc = subprocess.Popen([str(BIN / "optuna-dashboard"), study_store, "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                studies = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2))
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "optuna-dashboard did not start"
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/api/studies", proc, 60, "optuna-dashboard")
+        studies = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5))
         (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "tools"]
         detail = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}"))
         assert len(detail["trials"]) == 3 and detail["trials"][0]["state"] == "Complete"

@@ -2,7 +2,6 @@
 owns its loss: ``forward(x, y=None) -> (output, loss)``; ``task`` tells the
 trainer which metrics apply ("classify" or "reconstruct")."""
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 
