@@ -47,7 +47,7 @@ def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
             if r.status != "FINISHED":
                 raise UserError(f"final retraining of trial {t.number} (seed {seed}) failed: {r.message}")
             results.append(r)
-            metric = "test/accuracy" if "test/accuracy" in r.metrics else "test/loss"
+            metric = "test/accuracy" if "test/accuracy" in r.metrics else "test/loss"  # classifier or autoencoder
             print(f"trial {t.number} seed {seed}: {metric} {r.metrics[metric]:.4f}", flush=True)
         values = [r.metrics[metric] for r in results]
         rows.append({"trial": t.number, "metric": metric, "values": values, "mean": statistics.mean(values),

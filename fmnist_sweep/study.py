@@ -125,12 +125,10 @@ def _build(spec: dict, table: dict, kind: str, **extra):
 
 
 def make_sampler(sweep: Sweep, seed: int):
-    spec = dict(sweep.sampler)
-    if spec.get("name") == "grid":
+    spec = {"seed": seed, **sweep.sampler}
+    if spec.get("name") == "grid":  # its search space comes from the sweep's params
         spec.pop("name")
-        return optuna.samplers.GridSampler(sweep.space.grid(), **{"seed": seed, **spec})
-    if "seed" not in spec and spec.get("name") != "grid":
-        spec["seed"] = seed
+        return optuna.samplers.GridSampler(sweep.space.grid(), **spec)
     return _build(spec, SAMPLERS, "sampler")
 
 
@@ -274,9 +272,9 @@ class Study:
         trial.set_user_attr("host", self.host)
         trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
         trial.set_user_attr("device", self.device)
-        earlier = [t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number < trial.number]
-        if self._finished() + len(earlier) >= self.target:
+        trials = self.optuna.get_trials(deepcopy=False)  # one read serves both checks below
+        earlier = [t for t in trials if t.state == TrialState.RUNNING and t.number < trial.number]
+        if _finished(self.counts(trials)) + len(earlier) >= self.target:
             trial.set_user_attr("fmnist.surplus", True)
             raise Surplus(f"the budget of {self.target} is taken by finished and running trials")
         trial_overrides = self.sweep.space.suggest(trial, self._keys_for)
@@ -288,8 +286,8 @@ class Study:
         trial.set_user_attr("overrides", shlex.join(line))
         trial.set_user_attr("fingerprint", fp)
         tags = {"optuna.study": self.name, "optuna.trial_number": trial.number, "fmnist.host": self.host}
-        twin = next((t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.user_attrs.get("fingerprint") == fp), None)
+        twin = next((t for t in trials if t.state == TrialState.COMPLETE
+                     and t.user_attrs.get("fingerprint") == fp), None)
         if twin is not None:
             return self._reuse(trial, twin, line, tags)
         single = len(self.sweep.objectives) == 1
@@ -328,10 +326,10 @@ class Study:
         return twin.values[0] if len(twin.values) == 1 else twin.values
 
     # --- the loop ------------------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
+    def counts(self, trials=None) -> dict[str, int]:
         """Trials per state; surplus trials (closed untrained) apart from real failures."""
         counts = {s.name: 0 for s in TrialState} | {"SURPLUS": 0}
-        for t in self.optuna.get_trials(deepcopy=False):
+        for t in self.optuna.get_trials(deepcopy=False) if trials is None else trials:
             surplus = t.state == TrialState.FAIL and t.user_attrs.get("fmnist.surplus")
             counts["SURPLUS" if surplus else t.state.name] += 1
         return counts
@@ -344,15 +342,14 @@ class Study:
         trials plus running trials numbered below it is surplus: it is closed at once
         (FAIL, tagged surplus, never trained) and its worker waits until the running
         trials finish (then exits) or one of them dies (then takes its place)."""
-        self.target = self.n_trials if more is None else self._finished() + more
-        if self._finished() >= self.target:
-            print(f"study {self.name}: {self._finished()} of {self.target} trials already done; "
-                  "--more N adds trials")
+        done = self.finished()
+        self.target = self.n_trials if more is None else done + more
+        if done >= self.target:
+            print(f"study {self.name}: {done} of {self.target} trials already done; --more N adds trials")
             return
-        print(f"study {self.name}: {self._finished()} of {self.target} trials done, "
-              f"{self.target - self._finished()} to run (storage {self._where()}, "
-              f"MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
-        self._t0, self._started, self._failures = time.perf_counter(), self._finished(), 0
+        print(f"study {self.name}: {done} of {self.target} trials done, {self.target - done} to run "
+              f"(storage {self._where()}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
+        self._t0, self._started, self._failures = time.perf_counter(), done, 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - self._started)
         lost = 0
         while True:
@@ -376,14 +373,14 @@ class Study:
         self._end_orphans()
         self.tracker.end(self.parent_run_id, "FINISHED")
 
-    def _finished(self) -> int:
-        c = self.counts()
-        return sum(c[s.name] for s in COUNTED)
+    def finished(self) -> int:
+        """COMPLETE + PRUNED trials: what fills the budget."""
+        return _finished(self.counts())
 
     def _after_trial(self, study, frozen) -> None:
-        surplus = frozen.user_attrs.get("fmnist.surplus", False)
-        if not surplus:
-            self._print_trial(frozen)
+        c = self.counts()
+        if not frozen.user_attrs.get("fmnist.surplus", False):
+            self._print_trial(frozen, c)
             self._failures += frozen.state == TrialState.FAIL
             if self._failures >= self._max_failures:
                 print(f"stopping: {self._failures} trials failed in this session "
@@ -392,21 +389,20 @@ class Study:
                 return
         said = False
         while True:  # budget taken by trials still running: wait for them, or for a place
-            if self._finished() >= self.target:
+            if _finished(c) >= self.target:
                 study.stop()
                 return
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if self._finished() + running < self.target:
+            if _finished(c) + c["RUNNING"] < self.target:
                 return
             if not said:
-                print(f"waiting: the last {running} trials are running in other workers", flush=True)
+                print(f"waiting: the last {c['RUNNING']} trials are running in other workers", flush=True)
                 said = True
             time.sleep(self.poll_seconds)
             optuna.storages.fail_stale_trials(study)
+            c = self.counts()
 
-    def _print_trial(self, frozen) -> None:
-        c = self.counts()
-        finished = c["COMPLETE"] + c["PRUNED"]
+    def _print_trial(self, frozen, c: dict[str, int]) -> None:
+        finished = _finished(c)
         if frozen.state == TrialState.FAIL:
             shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
         elif frozen.state == TrialState.PRUNED:
@@ -435,6 +431,10 @@ class Study:
             return f"{len(self.optuna.best_trials)} trials on the Pareto front"
         except ValueError:
             return "no complete trial yet"
+
+
+def _finished(counts: dict[str, int]) -> int:
+    return sum(counts[s.name] for s in COUNTED)
 
 
 def _duration(seconds: float) -> str:

@@ -51,10 +51,11 @@ def markdown(study: Study) -> str:
             vals = ", ".join(f"{m} {v:.4f}" for (m, _), v in zip(objectives, t.values))
             lines += [f"- trial {t.number}: {vals}", f"  `python -m fmnist_sweep {t.user_attrs.get('overrides', '')}`"]
         lines.append("")
-    keys = sorted({k for r in trial_rows(study) for k in r["params"]})
+    rows = trial_rows(study)
+    keys = sorted({k for r in rows for k in r["params"]})
     header = ["trial", "state", *(m for m, _ in objectives), *keys, "seconds", "host"]
     lines += ["## Trials", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in trial_rows(study):
+    for r in rows:
         if r["surplus"]:
             continue
         values = r["values"] or [None] * len(objectives)

@@ -52,7 +52,7 @@ def launch(cfg, overrides: list[str], n: int, per_gpu: int, more: int | None) ->
     from .study import Study
 
     study = Study(cfg, overrides)
-    target = study.n_trials if more is None else study._finished() + more
+    target = study.n_trials if more is None else study.finished() + more
     gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
     cores = sorted(os.sched_getaffinity(0))
     slots = layout(n, per_gpu, gpus, cores)

@@ -33,6 +33,17 @@ def sweep_file(tmp_path, text, name="mine"):
     return p
 
 
+def lr_sweep(tmp_path, n_trials):
+    """The plainest study: random search over the learning rate."""
+    return sweep_file(tmp_path, f"""
+        objective: val/accuracy
+        n_trials: {n_trials}
+        sampler: {{name: random, seed: 0}}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """)
+
+
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
     args = ["+experiment=quickstart", *tiny_overrides, "study.n_trials=4", "trainer.epochs=2",
             "data.train_fraction=1.0"]
@@ -186,13 +197,7 @@ def test_resume_adds_more_and_refuses_a_changed_space(tiny_overrides, workdir, t
 
 
 def test_killed_study_resumes_to_exactly_n_trials(tiny_overrides, workdir, tmp_path):
-    sweep = sweep_file(tmp_path, """
-        objective: val/accuracy
-        n_trials: 4
-        sampler: {name: random, seed: 0}
-        params:
-          optimizer.lr: tag(log, interval(1e-4, 1e-2))
-    """)
+    sweep = lr_sweep(tmp_path, 4)
     args = [sys.executable, "-m", "fmnist_sweep", f"sweep={sweep}", *tiny_overrides, "trainer.epochs=6",
             "storage.heartbeat_interval=1", "storage.grace_period=2"]
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
@@ -296,13 +301,7 @@ def test_pretrained_autoencoder_is_trained_once_and_reused(tiny_overrides, workd
 
 
 def test_finalize_retrains_best_over_seeds_tests_once_and_registers(tiny_overrides, workdir, tmp_path, capsys):
-    sweep = sweep_file(tmp_path, """
-        objective: val/accuracy
-        n_trials: 3
-        sampler: {name: random, seed: 0}
-        params:
-          optimizer.lr: tag(log, interval(1e-4, 1e-2))
-    """)
+    sweep = lr_sweep(tmp_path, 3)
     assert main([f"sweep={sweep}", *tiny_overrides]) == 0
     capsys.readouterr()
     assert main(["finalize", "mine", "--top-k", "2", "--seeds", "2", "trainer.epochs=2"]) == 0
@@ -371,13 +370,7 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, wo
         return real(*a, **k)
 
     monkeypatch.setattr(train, "train_epoch", first_call_oom)
-    sweep = sweep_file(tmp_path, """
-        objective: val/accuracy
-        n_trials: 2
-        sampler: {name: random, seed: 0}
-        params:
-          optimizer.lr: tag(log, interval(1e-4, 1e-2))
-    """)
+    sweep = lr_sweep(tmp_path, 2)
     assert main([f"sweep={sweep}", *tiny_overrides]) == 0
     assert "FAIL (out of device memory at trainer.batch_size=32: lower trainer.batch_size" in capsys.readouterr().out
     ts = trials(workdir, "mine")
