@@ -1,12 +1,20 @@
-"""Training images/s of our engine vs a PyTorch-tutorial-style loop, side by side.
+"""Training images/s of our engine vs a PyTorch-tutorial-style loop, side by side, and the
+engine's achieved GFLOP/s as a share of this machine's measured large-matmul peak.
 
-Engine: the whole split as one tensor, batches by index slicing, fmnist_sweep.train.train_epoch
-(bf16 autocast and channels_last where chosen). Baseline: a torch Dataset that converts
-each uint8 image per item + DataLoader(shuffle=True), fp32, as the tutorials write it.
-Same model, batch size and threads; windows interleaved, medians reported.
+Baseline (as the tutorials write it): torchvision's FashionMNIST dataset — per item a uint8
+image to a PIL image, then ToTensor — + DataLoader(shuffle=True), fp32, the optimizer's
+defaults. Engine: the whole split as one tensor on the device, batches by index slicing,
+fmnist_sweep.train.train_epoch with what `python -m fmnist_sweep` picks by default
+(precision auto = bf16 autocast where the CPU has AMX/AVX512-BF16, channels_last for conv
+models), and in fp32 for the equal-precision comparison. Same model, batch size and
+threads; windows interleaved so noise hits all alike; medians reported.
 
-    python bench/train_throughput.py                 # all families, ~5 min on 2 cores
-    python bench/train_throughput.py --quick         # tiny, to check it runs
+FLOPs per training image are counted with torch.utils.flop_counter (forward + backward of
+one batch; recurrent layers counted analytically); the peak is a large bf16 / fp32 matmul.
+
+    python bench/train_throughput.py                          # all families, ~6 min on 2 cores
+    python bench/train_throughput.py --models cnn --compile   # also torch.compile'd engine
+    python bench/train_throughput.py --quick                  # tiny, to check it runs
 """
 
 from __future__ import annotations
@@ -19,40 +27,90 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
-from fmnist_sweep.train import cpu_has_fast_bf16, threads_for, train_epoch
+from fmnist_sweep.train import cpu_has_fast_bf16, make_optimizer, select_precision, threads_for, train_epoch
 
-BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100}
+BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100, "resnet": 128}
+OPTIMIZER = {"cnn": "rmsprop", "rnn": "sgd", "bilstm": "adam", "autoencoder": "adam",
+             "encoder_classifier": "adam", "resnet": "adamw"}
 
 
-class TutorialDataset(torch.utils.data.Dataset):
+class TutorialFashionMNIST(torch.utils.data.Dataset):
+    """What torchvision.datasets.FashionMNIST(transform=ToTensor()) does per item."""
+
     def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+        self.data, self.targets = torch.from_numpy(images), torch.from_numpy(labels)
 
     def __len__(self):
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.images[i]).float().div(255).unsqueeze(0), int(self.labels[i])
+        img, target = self.data[i], int(self.targets[i])
+        img = Image.fromarray(img.numpy(), mode="L")
+        # transforms.ToTensor(): PIL -> HWC uint8 -> CHW float in [0, 1]
+        t = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(img.size[1], img.size[0], 1)
+        return t.permute(2, 0, 1).contiguous().float().div(255), target
 
 
-def build(name):
+def build(name, engine: bool):
     torch.manual_seed(0)
-    cfg = compose([f"model={name}"])
+    cfg = compose([f"model={name}", f"optimizer={OPTIMIZER[name]}"])
     model = instantiate(cfg.model)
-    return model, instantiate(cfg.optimizer)(model.parameters())
+    params = model.parameters()
+    if engine:
+        return model, make_optimizer(cfg.optimizer, params)
+    return model, instantiate(cfg.optimizer)(params)
 
 
-def engine_rate(name, images, labels, precision):
-    model, opt = build(name)
-    cl = getattr(model, "channels_last_gain", False) and precision == "bf16"
+def peak_gflops(dtype, n=2048, reps=6) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_image(name) -> float | None:
+    """Training FLOPs per image: forward + backward of one batch, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _ = build(name, engine=False)
+    b = BATCH[name]
+    x, y = torch.rand(b, 1, 28, 28), torch.randint(0, 10, (b,))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(x, y)
+        loss.backward()
+    total = counter.get_total_flops()
+    total += 3 * rnn_forward_flops(model, b)  # not counted by torch: forward + 2x for backward
+    return total / b if total else None
+
+
+def rnn_forward_flops(model, batch, steps=28) -> int:
+    total = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.RNNBase):
+            gates = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}[m.mode]
+            dirs = 2 if m.bidirectional else 1
+            for layer in range(m.num_layers):
+                n_in = m.input_size if layer == 0 else m.hidden_size * dirs
+                total += dirs * 2 * batch * steps * gates * m.hidden_size * (n_in + m.hidden_size)
+    return total
+
+
+def engine_rate(name, images, labels, precision, channels_last, compiled=False):
+    model, opt = build(name, engine=True)
+    cl = channels_last if channels_last is not None else getattr(model, "channels_last_gain", False)
     if cl:
         model.to(memory_format=torch.channels_last)
+    if compiled:
+        model = torch.compile(model)
     split = Split(torch.from_numpy(images).unsqueeze(1).float().div(255), torch.from_numpy(labels))
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    warm = Split(split.x[: BATCH[name] * 2], split.y[: BATCH[name] * 2])
+    warm = Split(split.x[: BATCH[name] * 3], split.y[: BATCH[name] * 3])
     train_epoch(model, opt, warm, BATCH[name], torch.Generator().manual_seed(0), ac, cl, lambda s, l: None)
     t = time.perf_counter()
     train_epoch(model, opt, split, BATCH[name], torch.Generator().manual_seed(0), ac, cl, lambda s, l: None)
@@ -60,14 +118,13 @@ def engine_rate(name, images, labels, precision):
 
 
 def baseline_rate(name, images, labels):
-    model, opt = build(name)
+    model, opt = build(name, engine=False)
     model.train()
-    loader = torch.utils.data.DataLoader(TutorialDataset(images, labels), batch_size=BATCH[name], shuffle=True)
-    t, first = None, True
-    for x, y in loader:
-        if first:  # the first batch is warm-up, as for the engine
-            t, first = time.perf_counter(), False
-            n = 0
+    loader = torch.utils.data.DataLoader(TutorialFashionMNIST(images, labels), batch_size=BATCH[name], shuffle=True)
+    t, n = None, 0
+    for i, (x, y) in enumerate(loader):
+        if i == 1:  # the first batch is warm-up, as for the engine
+            t, n = time.perf_counter(), 0
         opt.zero_grad()
         _, loss = model(x, y)
         loss.backward()
@@ -82,28 +139,45 @@ def main():
     ap.add_argument("--images", type=int, default=3000, help="images per timed window")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--threads", default="auto")
-    ap.add_argument("--quick", action="store_true", help="200 images, 1 window: checks that it runs")
+    ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile (default precision)")
+    ap.add_argument("--quick", action="store_true", help="300 images, 1 window: checks that it runs")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.windows = 200, 1
+        args.images, args.windows = 300, 1
     torch.set_num_threads(threads_for(args.threads))
+    cl = {"auto": None, "on": True, "off": False}[args.channels_last]
     rng = np.random.default_rng(0)
     # Throughput does not depend on pixel values: random images of the real shape.
     images = rng.integers(0, 256, size=(args.images, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=args.images).astype(np.int64)
-    print(f"threads {torch.get_num_threads()}, {args.images} images x {args.windows} windows, "
-          f"CPU fast bf16: {cpu_has_fast_bf16()}")
-    print(f"{'model':<20}{'baseline fp32':>14}{'engine fp32':>13}{'engine bf16':>13}{'fp32 ratio':>12}{'bf16 ratio':>12}")
+    peaks = {"fp32": peak_gflops(torch.float32), "bf16": peak_gflops(torch.bfloat16)}
+    print(f"threads {torch.get_num_threads()}, {args.images} images x {args.windows} windows, CPU fast bf16: "
+          f"{cpu_has_fast_bf16()}; large-matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(f"{'model':<19}{'baseline':>9}{'engine fp32':>12}{'engine default':>20}"
+          + (f"{'compiled':>10}" if args.compile else "")
+          + f"{'fp32 ratio':>11}{'default ratio':>14}{'MFLOP/img':>10}{'% peak fp32':>12}{'% peak default':>15}")
     for name in args.models.split(","):
-        rates = {"base": [], "fp32": [], "bf16": []}
-        for _ in range(args.windows):  # interleaved so machine noise hits all three alike
+        model, _ = build(name, engine=True)
+        default = select_precision("auto", torch.device("cpu"), model)
+        rates = {"base": [], "fp32": [], "default": [], "compiled": []}
+        for _ in range(args.windows):  # interleaved
             rates["base"].append(baseline_rate(name, images, labels))
-            rates["fp32"].append(engine_rate(name, images, labels, "fp32"))
-            rates["bf16"].append(engine_rate(name, images, labels, "bf16"))
-        m = {k: statistics.median(v) for k, v in rates.items()}
-        print(f"{name:<20}{m['base']:>14,.0f}{m['fp32']:>13,.0f}{m['bf16']:>13,.0f}"
-              f"{m['fp32'] / m['base']:>11.2f}x{m['bf16'] / m['base']:>11.2f}x", flush=True)
-    print("images/s, training (forward + backward + optimizer step); ratio = engine / baseline")
+            rates["fp32"].append(engine_rate(name, images, labels, "fp32", cl))
+            rates["default"].append(engine_rate(name, images, labels, default, cl))
+            if args.compile:
+                rates["compiled"].append(engine_rate(name, images, labels, default, cl, compiled=True))
+        m = {k: statistics.median(v) for k, v in rates.items() if v}
+        flops = flops_per_image(name)
+        pct = (lambda rate, p: f"{100 * rate * flops / 1e9 / peaks[p]:.0f}%") if flops else (lambda rate, p: "—")
+        print(f"{name:<19}{m['base']:>9,.0f}{m['fp32']:>12,.0f}{m['default']:>14,.0f} ({default})"
+              + (f"{m['compiled']:>10,.0f}" if args.compile else "")
+              + f"{m['fp32'] / m['base']:>10.2f}x{m['default'] / m['base']:>13.2f}x"
+              + (f"{flops / 1e6:>10.0f}" if flops else f"{'—':>10}")
+              + f"{pct(m['fp32'], 'fp32'):>12}{pct(m['default'], default):>15}", flush=True)
+    print("images/s, training (forward + backward + optimizer step); ratio = engine / baseline; "
+          "% peak = achieved GFLOP/s / large-matmul peak of the same precision")
 
 
 if __name__ == "__main__":

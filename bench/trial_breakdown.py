@@ -32,6 +32,22 @@ def timed(owner, name, bucket):
     setattr(owner, name, wrapper)
 
 
+def instrument(artifacts="artifact rendering (plots, tables, weights)", mlflow="mlflow logging",
+               storage="optuna storage") -> None:
+    """Count the time spent in artifact rendering, MLflow calls and Optuna storage calls."""
+    import optuna
+
+    from fmnist_sweep import train
+    from fmnist_sweep.tracking import Tracker
+
+    timed(train, "_write_artifacts", artifacts)
+    for name in ("start", "log", "log_artifacts", "end"):
+        timed(Tracker, name, mlflow)
+    for cls in (optuna.storages.RDBStorage, optuna.storages.JournalStorage):
+        for name in [n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))]:
+            timed(cls, name, storage)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*")
@@ -40,21 +56,13 @@ def main():
     args = ap.parse_args()
     os.chdir(tempfile.mkdtemp(prefix="fmnist-bench-"))  # fresh stores, as a first study has
 
-    import optuna
-
     from fmnist_sweep import train
     from fmnist_sweep.config import compose
     from fmnist_sweep.study import Study
-    from fmnist_sweep.tracking import Tracker
 
     timed(train, "train_epoch", "train")
     timed(train, "evaluate", "evaluate")
-    timed(train, "_write_artifacts", "artifact rendering (plots, tables, weights)")
-    for name in ("start", "log", "log_artifacts", "end"):
-        timed(Tracker, name, "mlflow logging")
-    for cls in (optuna.storages.RDBStorage, optuna.storages.JournalStorage):
-        for name in [n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))]:
-            timed(cls, name, "optuna storage")
+    instrument()
 
     quick = ["data.train_fraction=0.01", "trainer.epochs=1", "study.n_trials=2"] if args.quick else []
     overrides = ["+experiment=quickstart", f"study.n_trials={args.trials}", *quick, *args.overrides]

@@ -4,6 +4,7 @@
     python -m fmnist_sweep status STUDY [override ...]   the study's trials
     python -m fmnist_sweep report STUDY [override ...]   refresh its MLflow artifacts, print its summary
     python -m fmnist_sweep finalize STUDY [...]          retrain its best on train+val, test, register
+    python -m fmnist_sweep compare NAME [NAME ...]       families, levels over seeds, per-class tables
     python -m fmnist_sweep workers -n N [override ...]   N local workers of one study
 """
 
@@ -17,6 +18,7 @@ USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep status STUDY [override ...]
        python -m fmnist_sweep report STUDY [override ...]
        python -m fmnist_sweep finalize STUDY [--top-k K] [--seeds S] [override ...]
+       python -m fmnist_sweep compare NAME [NAME ...] [--out DIR] [override ...]
        python -m fmnist_sweep workers -n N [--per-gpu K] [override ...]
 
 Train one model with the configuration Hydra composes from conf/ and the
@@ -31,6 +33,8 @@ examples:
   python -m fmnist_sweep +experiment=quickstart --more 5
   python -m fmnist_sweep status quickstart
   python -m fmnist_sweep finalize quickstart --top-k 3 --seeds 3 trainer.epochs=15
+  python -m fmnist_sweep compare torch_ae_latent
+  python -m fmnist_sweep compare resnet_search 0123456789abcdef0123456789abcdef --out results/
   python -m fmnist_sweep workers -n 2 +experiment=cnn_arch storage=postgres tracking=server
 
 options:
@@ -38,6 +42,7 @@ options:
   --fork       the sweep's search space changed: start a new study beside the old one
   --top-k K    finalize: how many of the best configurations to retrain (default 3)
   --seeds S    finalize: seeds per configuration (default 3)
+  --out DIR    compare: also write the Markdown, plots and tables into DIR
   -n N         workers: how many (CPU: cores are split so workers x threads = cores)
   --per-gpu K  workers: how many share one GPU (default 1)
   --cfg        print the composed configuration and exit
@@ -59,10 +64,18 @@ def _parse(argv: list[str]):
     from .errors import UserError
 
     opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "top_k": 3, "seeds": 3,
-            "n": None, "per_gpu": 1, "command": None, "study": None}
+            "n": None, "per_gpu": 1, "command": None, "study": None, "names": [], "out": None}
     rest, i = [], 0
     if argv and argv[0] == "workers":
         opts["command"], i = "workers", 1
+    elif argv and argv[0] == "compare":
+        opts["command"], i = "compare", 1
+        while i < len(argv) and "=" not in argv[i] and not argv[i].startswith("-"):
+            opts["names"].append(argv[i])
+            i += 1
+        if not opts["names"]:
+            raise UserError("usage: python -m fmnist_sweep compare NAME [NAME ...] [--out DIR] [override ...] "
+                            "(NAME: a study, or an MLflow run id)")
     elif argv and argv[0] in COMMANDS:
         if len(argv) < 2 or "=" in argv[1] or argv[1].startswith("-"):
             raise UserError(f"usage: python -m fmnist_sweep {argv[0]} STUDY [override ...]")
@@ -71,6 +84,10 @@ def _parse(argv: list[str]):
         a = argv[i]
         if a in ("--verbose", "--cfg", "--fork"):
             opts[a[2:]] = True
+        elif a == "--out":
+            if opts["command"] != "compare" or i + 1 >= len(argv):
+                raise UserError("--out DIR goes with compare: python -m fmnist_sweep compare NAME --out DIR")
+            opts["out"], i = argv[i + 1], i + 1
         elif a in NUMBER_OPTIONS:
             if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
                 raise UserError(f"{a} takes a number >= 1, e.g. {a} 3")
@@ -171,6 +188,13 @@ def _study_command(opts, overrides) -> int:
     from .study import open_study
 
     command = opts["command"]
+    if command == "compare":
+        from .compare import compare
+
+        text, run_id = compare(opts["names"], overrides, opts["out"])
+        print(text, end="")
+        print(f"\nMLflow: experiment 'compare', run {run_id}" + (f"; files in {opts['out']}" if opts["out"] else ""))
+        return 0
     # Storage and tracking overrides select the study; the rest size the final retraining.
     where = [o for o in overrides if o.lstrip("+~").startswith(("storage", "tracking", "work_dir"))]
     study = open_study(where, opts["study"])

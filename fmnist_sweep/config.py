@@ -72,6 +72,10 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, MissingConfigException, ValueError) as e:
         raise UserError(_explain(e, overrides)) from None
+    budgets = cfg.get("budgets")
+    if budgets is not None and cfg.get("budget") not in budgets:
+        raise UserError(f"budget={cfg.get('budget')!r} is not one of this experiment's budgets: "
+                        f"{', '.join(budgets)}.")
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:  # interpolation errors from omegaconf
@@ -106,6 +110,13 @@ RULES = {
     "trainer.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "trainer.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "trainer.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "trainer.lr_schedule": (lambda v: v in ("constant", "onecycle", "cosine"), "constant, onecycle or cosine"),
+    "trainer.augment.shift": (lambda v: isinstance(v, int) and 0 <= v <= 8, "an integer in [0, 8]"),
+    "trainer.augment.flip": (lambda v: isinstance(v, bool), "true or false"),
+    "trainer.augment.erase": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "trainer.eval_flip": (lambda v: isinstance(v, bool), "true or false"),
+    "model.blocks": (lambda v: all(isinstance(b, int) and b >= 1 for b in _each(v)), "integers >= 1"),
+    "model.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                        "auto, cpu, cuda or cuda:N"),
@@ -135,12 +146,16 @@ def validate(cfg: DictConfig) -> None:
     if widths is not None and OmegaConf.is_list(drops) and len(widths) != len(drops):
         raise UserError(f"model.widths has {len(widths)} entries but model.dropouts has {len(drops)}: "
                         "give one dropout per block.")
+    blocks = OmegaConf.select(cfg, "model.blocks")
+    if widths is not None and OmegaConf.is_list(blocks) and len(widths) != len(blocks):
+        raise UserError(f"model.widths has {len(widths)} entries but model.blocks has {len(blocks)}: "
+                        "give one block count per stage.")
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
     """What decides a trial's result: the config without where-and-how-it-runs keys."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("work_dir", "tracking", "storage", "sweep", "study"):
+    for key in ("work_dir", "tracking", "storage", "sweep", "study", "budget", "budgets"):
         c.pop(key, None)
     for key in ("root", "cache_dir", "download", "mirror"):
         c["data"].pop(key, None)

@@ -106,10 +106,13 @@ def load_sweep(name: str) -> Sweep:
         raise UserError(f"{path}: pruning needs a per-epoch objective ({', '.join(EPOCH_METRICS)})")
     if len(objectives) > 1 and spec.get("pruner", {}).get("name", "none") != "none":
         raise UserError(f"{path}: Optuna cannot prune multi-objective studies: set pruner: {{name: none}}")
+    space = SearchSpace(spec.get("params") or {})
     n_trials = spec.get("n_trials")
+    if n_trials is None and (spec.get("sampler") or {}).get("name") == "grid":
+        n_trials = math.prod(len(v) for v in space.grid().values())  # the whole grid, once
     if not isinstance(n_trials, int) or n_trials < 1:
         raise UserError(f"{path}: n_trials must be an integer >= 1")
-    return Sweep(name, objectives, n_trials, SearchSpace(spec.get("params") or {}),
+    return Sweep(name, objectives, n_trials, space,
                  spec.get("sampler") or {"name": "tpe"}, spec.get("pruner") or {"name": "none"},
                  spec.get("enqueue") or [], spec.get("max_failures"))
 

@@ -18,9 +18,12 @@ def bench(name, *args, cwd=None):
 
 
 def test_train_throughput_quick():
-    out = bench("train_throughput.py", "--models", "cnn,rnn")
-    assert "baseline fp32" in out and out.count("x") >= 4
-    assert any(line.startswith("cnn ") for line in out.splitlines())
+    out = bench("train_throughput.py", "--models", "cnn,rnn,resnet")
+    assert "large-matmul peak: fp32" in out and "baseline" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn ", "resnet "))}
+    assert set(rows) == {"cnn", "rnn", "resnet"}
+    assert "(bf16)" in rows["cnn"] or "(fp32)" in rows["cnn"]
+    assert rows["cnn"].count("x") == 2 and rows["cnn"].rstrip().endswith("%")
 
 
 def test_trial_breakdown_quick(workdir, tiny_data):
@@ -34,3 +37,23 @@ def test_workers_quick(workdir, tiny_data):
     out = bench("workers.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
     assert "1 worker(s)" in out and "2 worker(s)" in out and "trials/hour" in out
+
+
+def test_orchestration_quick(workdir):
+    out = bench("orchestration.py")
+    assert "start-up" in out and "no-op Optuna objective" in out
+    assert any(line.startswith("sqlite + local") and line.rstrip().endswith("%") for line in out.splitlines())
+
+
+def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
+    out = bench("sweep_efficiency.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
+                "data.train_fraction=1.0", "--plot", str(tmp_path / "eff.png"))
+    for arm in ("tpe + median pruner", "tpe, no pruning", "random, no pruning"):
+        assert arm in out
+    assert "epochs saved by pruning" in out and (tmp_path / "eff.png").stat().st_size > 0
+
+
+def test_bf16_accuracy_quick(workdir, tiny_data):
+    out = bench("bf16_accuracy.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
+                "data.train_fraction=1.0")
+    assert "fp32: val/accuracy" in out and "bf16: val/accuracy" in out and "points of val/accuracy" in out

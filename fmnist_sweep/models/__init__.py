@@ -21,10 +21,13 @@ class Classifier(nn.Module):
     channels_last_gain = False
     # Standardise [0, 1] pixels with the training-set statistics before logits().
     standardize = True
+    # Cross-entropy against (1 - s) one-hot + s uniform targets.
+    label_smoothing = 0.0
 
     def forward(self, x, y=None):
         logits = self.logits((x - MEAN) / STD if self.standardize else x)
-        loss = None if y is None else F.cross_entropy(logits.float(), y)
+        loss = None if y is None else F.cross_entropy(
+            logits.float(), y, label_smoothing=self.label_smoothing if self.training else 0.0)
         return logits, loss
 
 

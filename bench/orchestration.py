@@ -1,0 +1,228 @@
+"""Per-trial cost of the study machinery (Optuna storage + MLflow + the standard artifacts)
+against a no-op Optuna objective, for each storage and tracking store, side by side.
+
+Each trial is a real fmnist_sweep trial (compose, suggest, MLflow child run with the
+config as params, 20 epochs of metrics logged one batch per epoch with an Optuna
+report each, final evaluation, artifacts rendered and stored, tell) whose training and
+evaluation are replaced by instant stand-ins: what is left is the orchestration. Its
+median per-trial time is printed with its split and as a share of a 30-second trial.
+
+    python bench/orchestration.py                           # sqlite, journal (+ postgres) x local (+ server)
+    python bench/orchestration.py --pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/postgres
+    python bench/orchestration.py --quick                   # 3 trials, sqlite + local: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trial_breakdown import SPENT, instrument  # noqa: E402
+
+TRIAL_SECONDS = 30.0  # the issue's reference trial
+
+
+def tiny_idx(folder: Path, n_train=600, n_test=200) -> None:
+    """Random images in the real IDX format (pixel values do not matter here)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+            (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape) + images.tobytes()))
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(
+            (0x801).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()))
+
+
+def stand_ins():
+    """Instant train_epoch / evaluate with the real return shapes."""
+    from fmnist_sweep import train
+
+    rng = np.random.default_rng(0)
+
+    def train_epoch(*a, **k):
+        return 0.5
+
+    def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=False, flip=False):
+        out = {"loss": 0.5 + rng.random() * 0.01, "accuracy": 0.8 + rng.random() * 0.01}
+        if keep_outputs:
+            out["outputs"] = rng.integers(0, 10, size=len(split)).astype(np.int64)
+        return out
+
+    train.train_epoch, train.evaluate = train_epoch, evaluate
+
+
+def start_mlflow_server(work: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(work / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
+         "--artifacts-destination", str(work / "server-artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            return proc, uri
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"mlflow server did not start (log: {log.name})")
+
+
+def fresh_pg_database(url: str, name: str) -> str:
+    """A new database next to the one ``url`` names; returns its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def noop_ms(n: int) -> float:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    t = time.perf_counter()
+    study.optimize(lambda tr: tr.suggest_float("x", 0, 1), n_trials=n)
+    return (time.perf_counter() - t) / n * 1000
+
+
+def measure(label: str, overrides: list[str], trials: int, epochs: int) -> dict:
+    from fmnist_sweep.config import compose
+    from fmnist_sweep.study import Study
+
+    cfg_over = ["+experiment=quickstart", f"trainer.epochs={epochs}", f"study.n_trials={trials + 1}",
+                f"study.name=bench-{label.replace(' ', '-').replace('+', '')}", "trainer.progress=false", *overrides]
+    study = Study(compose(cfg_over), cfg_over)
+    stamps = []
+    after = study._after_trial
+
+    def stamp(st, tr):
+        after(st, tr)
+        stamps.append((time.perf_counter(), dict(SPENT)))
+
+    study._after_trial = stamp
+    SPENT.clear()
+    stamps.append((time.perf_counter(), {}))
+    study.optimize()
+    # Per trial: the interval between consecutive trial ends; the first trial is warm-up.
+    per = []
+    for (t0, s0), (t1, s1) in zip(stamps[1:], stamps[2:]):
+        per.append({"total": t1 - t0, **{k: s1.get(k, 0) - s0.get(k, 0) for k in s1}})
+    med = {k: statistics.median(p.get(k, 0) for p in per) for k in per[0]}
+    return med
+
+
+PROBE = """
+import os, sys, time
+import fmnist_sweep.train as T
+def first_step(*a, **k):
+    print(f"FIRST_STEP {time.time():.6f}", flush=True)
+    os._exit(0)
+T.train_epoch = first_step
+from fmnist_sweep.cli import main
+main(sys.argv[1:])
+"""
+
+
+def startup_seconds(overrides: list[str], repeats: int = 3) -> float:
+    """Command -> first training step of a single run (data already decoded and cached),
+    median of fresh processes: interpreter start, imports, compose, MLflow run, data, model."""
+    times = []
+    for _ in range(repeats + 1):  # the first one fills the decoded-data cache
+        t = time.time()
+        proc = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("FIRST_STEP")), None)
+        if line is None:
+            sys.exit(f"start-up probe failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        times.append(float(line.split()[1]) - t)
+    return statistics.median(times[1:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--storages", default="sqlite,journal,postgres")
+    ap.add_argument("--tracking", default="local,server")
+    ap.add_argument("--pg-url", default=os.environ.get("FMNIST_TEST_PG_URL"),
+                    help="an admin URL of a PostgreSQL server (a fresh database is made beside it)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.trials, args.storages, args.tracking = 3, "sqlite", "local"
+    storages = [s for s in args.storages.split(",") if s != "postgres" or args.pg_url]
+    if "postgres" in args.storages and not args.pg_url:
+        print("postgres skipped: give --pg-url (or set FMNIST_TEST_PG_URL)")
+
+    work = Path(tempfile.mkdtemp(prefix="fmnist-orch-"))
+    os.chdir(work)
+    os.environ["FMNIST_SWEEP_DIR"] = str(work)
+    tiny_idx(work / "data")
+    data = [f"data.root={work / 'data'}", "data.verify=false", "data.download=false", "data.train_fraction=1.0",
+            "data.val_fraction=0.2"]
+    stand_ins()
+    instrument("artifacts", "mlflow", "optuna")
+
+    server = None
+    if "server" in args.tracking:
+        server, uri = start_mlflow_server(work)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    real = ["data.root=/usr/share/datasets/fashion-mnist"] if Path(
+        "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file() and not args.quick else data
+    start = startup_seconds(real, 1 if args.quick else 3)
+    print(f"start-up, `python -m fmnist_sweep` -> first training step (decoded data cached, "
+          f"{'full Fashion-MNIST' if real is not data else 'tiny data'}): {start:.2f} s (target <= 10 s)")
+    base = noop_ms(max(args.trials, 20))
+    print(f"{args.trials} trials per line (median), {args.epochs} epochs of metrics each, standard artifacts; "
+          f"baseline: no-op Optuna objective in memory, {base:.2f} ms/trial")
+    print(f"{'storage + tracking':<24}{'ms/trial':>10}{'optuna':>9}{'mlflow':>9}{'artifacts':>11}{'other':>8}"
+          f"{'% of 30 s trial':>17}")
+    try:
+        for tracking in args.tracking.split(","):
+            for storage in storages:
+                over = [*data, f"storage={storage}", f"tracking={tracking}"]
+                if storage == "postgres":
+                    os.environ["FMNIST_STORAGE_URL"] = fresh_pg_database(args.pg_url, f"bench_orch_{tracking}")
+                label = f"{storage} + {tracking}"
+                m = measure(label, over, args.trials, args.epochs)
+                total = (m["total"] * 1000) - base
+                parts = {k: m.get(k, 0) * 1000 for k in ("optuna", "mlflow", "artifacts")}
+                other = total - sum(parts.values())
+                print(f"{label:<24}{total:>10.0f}{parts['optuna']:>9.0f}{parts['mlflow']:>9.0f}"
+                      f"{parts['artifacts']:>11.0f}{other:>8.0f}{100 * total / 1000 / TRIAL_SECONDS:>16.2f}%",
+                      flush=True)
+    finally:
+        if server:
+            server.terminate()
+            server.wait(30)
+    print("ms/trial = median trial cycle - no-op baseline; other = compose, suggest, model build, "
+          "pruning reports, progress line")
+
+
+if __name__ == "__main__":
+    main()
