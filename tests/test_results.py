@@ -68,7 +68,7 @@ def test_autoencoder_presets_are_grid_studies_over_one_factor_and_seeds(preset, 
 
 def test_resnet_search_runs_and_augmentation_keeps_images(tiny_overrides, workdir):
     cfg = compose(["+experiment=resnet_search"])
-    assert cfg.model._target_.endswith("ResNet") and cfg.trainer.lr_schedule == "onecycle"
+    assert cfg.model._target_.endswith("ResNet") and cfg.trainer.lr_schedule == "onecycle" and cfg.trainer.eval_flip
     assert cfg.trainer.augment.flip and cfg.trainer.augment.shift > 0
     assert main(["+experiment=resnet_search", *tiny_overrides, "study.n_trials=1", "trainer.epochs=4"]) == 0
     _, runs = mlflow_runs(workdir, "resnet_search")
