@@ -44,7 +44,7 @@ def run_arm(name, sampler, pruner, seed, trials, overrides, work: Path):
     from fmnist_sweep.study import Study
 
     sampler_spec = f"{{name: {sampler}, seed: {seed}" + (", n_startup_trials: 4}" if sampler == "tpe" else "}")
-    path = work / f"{name.split()[0]}-{'prune' if 'median' in pruner else 'all'}-{seed}.yaml"
+    path = work / f"{sampler}-{'prune' if 'median' in pruner else 'all'}-{seed}.yaml"
     path.write_text(textwrap.dedent(f"""\
         objective: val/accuracy
         n_trials: {trials}

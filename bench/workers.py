@@ -31,7 +31,7 @@ def main():
     if args.quick:
         layouts, args.trials = [1, 2], 2
     print(f"study: {' '.join(SMALL + args.overrides)} study.n_trials={args.trials}; {os.cpu_count()} cores")
-    base = None
+    base, rates = None, {}
     for n in layouts:
         work = tempfile.mkdtemp(prefix=f"fmnist-workers{n}-")
         cmd = [sys.executable, "-m", "fmnist_sweep", "workers", "-n", str(n), *SMALL, *args.overrides,
@@ -43,9 +43,17 @@ def main():
         if proc.returncode != 0:
             sys.exit(f"{n} workers failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         rate = args.trials / wall * 3600
-        base = base or rate
+        base, rates[n] = base or rate, rate
         print(f"{n} worker(s) x {max(1, os.cpu_count() // n)} thread(s): {wall:6.1f} s for {args.trials} trials, "
               f"{rate:7.0f} trials/hour, {rate / base:4.2f}x the 1-worker rate", flush=True)
+
+
+    from fmnist_sweep.workers import default_workers
+
+    best = max(rates, key=rates.get)
+    default = default_workers(1, 0, sorted(os.sched_getaffinity(0)))
+    print(f"fastest here: {best} worker(s); `fmnist-sweep workers` without -n starts {default} "
+          f"(one 1-thread worker per core)" + ("" if default in rates else " (not measured in this run)"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep report STUDY [override ...]
        python -m fmnist_sweep finalize STUDY [--top-k K] [--seeds S] [override ...]
        python -m fmnist_sweep compare NAME [NAME ...] [--out DIR] [override ...]
-       python -m fmnist_sweep workers -n N [--per-gpu K] [override ...]
+       python -m fmnist_sweep workers [-n N] [--per-gpu K] [override ...]
 
 Train one model with the configuration Hydra composes from conf/ and the
 overrides (key=value, group=option), recording the run in MLflow. With a sweep
@@ -43,7 +43,8 @@ options:
   --top-k K    finalize: how many of the best configurations to retrain (default 3)
   --seeds S    finalize: seeds per configuration (default 3)
   --out DIR    compare: also write the Markdown, plots and tables into DIR
-  -n N         workers: how many (CPU: cores are split so workers x threads = cores)
+  -n N         workers: how many (default: one per GPU slot, else one 1-thread worker
+               per core; CPU cores are split so that workers x threads = cores)
   --per-gpu K  workers: how many share one GPU (default 1)
   --cfg        print the composed configuration and exit
   --verbose    show full tracebacks on errors (also HYDRA_FULL_ERROR=1)
@@ -118,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         if opts["command"] == "workers":
             if cfg.sweep is None:
                 raise UserError("workers run a study: add +experiment=NAME (or sweep=NAME)")
-            if not opts["n"]:
-                raise UserError("workers needs -n N, the number of worker processes")
             from .workers import launch
 
             return launch(cfg, overrides, opts["n"], opts["per_gpu"], opts["more"])

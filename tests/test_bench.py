@@ -37,6 +37,7 @@ def test_workers_quick(workdir, tiny_data):
     out = bench("workers.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
     assert "1 worker(s)" in out and "2 worker(s)" in out and "trials/hour" in out
+    assert "without -n starts" in out
 
 
 def test_orchestration_quick(workdir):

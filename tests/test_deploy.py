@@ -85,6 +85,9 @@ def test_slurm_script_is_valid_bash_and_runs_the_same_worker_command(monkeypatch
 
 
 def test_worker_layout_splits_cores_and_gpus():
+    from fmnist_sweep.workers import default_workers
+
+    assert default_workers(1, 0, [0, 1]) == 2 and default_workers(2, 4, list(range(16))) == 8
     cpu = layout(2, 1, 0, [0, 1])
     assert [s["cores"] for s in cpu] == [[0], [1]] and cpu[0]["env"]["OMP_NUM_THREADS"] == "1"
     one = layout(1, 1, 0, [0, 1])
