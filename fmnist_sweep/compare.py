@@ -126,7 +126,10 @@ def gather(names: list[str], where: list[str]):
         finals = [_entry(r, name, "final") for r in runs.values()
                   if r.data.tags.get("fmnist.role") == "final" and r.info.status == "FINISHED"]
         entries += study_entries + finals
+        failed = [t.params for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if not t.user_attrs.get("fmnist.surplus")]
         studies.append({"name": name, "objective": study.sweep.objectives[0], "trials": study_entries,
+                        "failed": failed,
                         "trial_values": {t.number: t.values for t in trials}, "client": study.tracker.client})
     if not entries:
         raise UserError("nothing to compare: the named studies have no complete trial yet")
@@ -185,13 +188,18 @@ def factor_rows(study: dict) -> list[dict] | None:
     if not trials or not any("seed" in e.params for e in trials):
         return None
     metric, direction = study["objective"]
-    levels = defaultdict(list)
+    levels, failures = defaultdict(list), defaultdict(int)
+
+    def level(params):
+        return tuple(sorted((k, v) for k, v in params.items() if k != "seed"))
+
     for e in trials:
-        key = tuple(sorted((k, v) for k, v in e.params.items() if k != "seed"))
         if metric in e.metrics:
-            levels[key].append(e.metrics[metric])
+            levels[level(e.params)].append(e.metrics[metric])
+    for params in study.get("failed", []):  # e.g. diverged: a finding too
+        failures[level(params)] += 1
     sign = 1 if direction == "maximize" else -1
-    best_key = max(levels, key=lambda k: sign * statistics.mean(levels[k]))
+    best_key = max(levels, key=lambda k: sign * statistics.mean(levels[k])) if levels else None
     rows = []
     for key, values in levels.items():
         p = None
@@ -199,7 +207,10 @@ def factor_rows(study: dict) -> list[dict] | None:
             p = float(stats.ttest_ind(levels[best_key], values, equal_var=False).pvalue)
         rows.append({"level": ", ".join(f"{k}={v}" for k, v in key) or "(defaults)", "key": key,
                      "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                     "n": len(values), "p": p, "best": key == best_key})
+                     "n": len(values), "p": p, "best": key == best_key, "failed": failures.pop(key, 0)})
+    for key, n in failures.items():  # levels where no seed finished
+        rows.append({"level": ", ".join(f"{k}={v}" for k, v in key), "key": key, "mean": None, "std": None,
+                     "n": 0, "p": None, "best": False, "failed": n})
     return sorted(rows, key=_level_order)
 
 
@@ -222,6 +233,7 @@ def factor_plot(study: dict, rows: list[dict], path: Path) -> None:
     metric = study["objective"][0]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     numeric = all(len(r["key"]) == 1 and isinstance(r["key"][0][1], (int, float)) for r in rows)
+    rows = [r for r in rows if r["mean"] is not None]  # failed levels have no point
     xs = [r["key"][0][1] for r in rows] if numeric else list(range(len(rows)))
     ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], fmt="o-", capsize=4)
     if numeric:
@@ -341,8 +353,12 @@ def report(names: list[str], where: list[str], out: Path) -> str:
             lines += [f"## Study `{study['name']}`: {metric} per level ({direction}), over seeds", "",
                       f"| level | {metric} mean | std | seeds | Welch's t-test p vs best |", "|---|---|---|---|---|"]
             for r in rows:
+                failed = f" ({r['failed']} failed: diverged or crashed)" if r["failed"] else ""
+                if r["mean"] is None:
+                    lines.append(f"| {r['level']} | — | — | 0{failed} | — |")
+                    continue
                 p = "best" if r["best"] else (f"{r['p']:.3g}" if r["p"] is not None and math.isfinite(r["p"]) else "—")
-                lines.append(f"| {r['level']} | {r['mean']:.5f} | {r['std']:.5f} | {r['n']} | {p} |")
+                lines.append(f"| {r['level']} | {r['mean']:.5f} | {r['std']:.5f} | {r['n']}{failed} | {p} |")
             png = f"factor_{study['name']}.png"
             factor_plot(study, rows, out / png)
             lines += ["", f"![{metric} per level]({png})", ""]

@@ -165,3 +165,25 @@ def test_compare_errors_are_one_line(tiny_overrides, workdir, capsys):
     assert "no study 'nosuch'" in capsys.readouterr().err
     assert main(["compare", "0" * 32, *tiny_overrides]) == 2
     assert f"no MLflow run {'0' * 32}" in capsys.readouterr().err
+
+
+def test_levels_where_every_seed_failed_are_reported_not_dropped():
+    from types import SimpleNamespace
+
+    from fmnist_sweep.compare import Entry, factor_rows
+
+    def entry(lr, seed, loss):
+        run = SimpleNamespace(data=SimpleNamespace(metrics={"val/loss": loss}, tags={}, params={}),
+                              info=SimpleNamespace(run_id=f"{lr}-{seed}"))
+        return Entry(run, "s", "trial", "autoencoder", "reconstruct", "", seed, {"optimizer.lr": lr, "seed": seed})
+
+    study = {"name": "s", "objective": ("val/loss", "minimize"),
+             "trials": [entry(0.001, 0, 0.010), entry(0.001, 1, 0.012), entry(0.0001, 0, 0.03), entry(0.0001, 1, 0.02)],
+             "failed": [{"optimizer.lr": 0.03, "seed": 0}, {"optimizer.lr": 0.03, "seed": 1}]}
+    rows = {r["level"]: r for r in factor_rows(study)}
+    assert rows["optimizer.lr=0.001"]["best"] and rows["optimizer.lr=0.001"]["mean"] == pytest.approx(0.011)
+    assert rows["optimizer.lr=0.03"]["mean"] is None and rows["optimizer.lr=0.03"]["failed"] == 2
+    assert rows["optimizer.lr=0.0001"]["p"] == pytest.approx(
+        stats.ttest_ind([0.010, 0.012], [0.03, 0.02], equal_var=False).pvalue)
+    assert [r["level"] for r in factor_rows(study)] == ["optimizer.lr=0.0001", "optimizer.lr=0.001",
+                                                         "optimizer.lr=0.03"]
