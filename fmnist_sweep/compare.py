@@ -27,6 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tracking  # noqa: F401  (MLflow's environment defaults, before mlflow is imported)
 from .errors import UserError
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -237,7 +238,7 @@ def factor_plot(study: dict, rows: list[dict], path: Path) -> None:
     xs = [r["key"][0][1] for r in rows] if numeric else list(range(len(rows)))
     ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], fmt="o-", capsize=4)
     if numeric:
-        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+        if min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs) else 10)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(rows[0]["key"][0][0])
