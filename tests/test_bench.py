@@ -18,12 +18,13 @@ def bench(name, *args, cwd=None):
 
 
 def test_train_throughput_quick():
-    out = bench("train_throughput.py", "--models", "cnn,rnn,resnet")
+    out = bench("train_throughput.py", "--models", "cnn,rnn,resnet", "--profile", "cnn")
     assert "large-matmul peak: fp32" in out and "baseline" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn ", "resnet "))}
     assert set(rows) == {"cnn", "rnn", "resnet"}
     assert "(bf16)" in rows["cnn"] or "(fp32)" in rows["cnn"]
     assert rows["cnn"].count("x") == 2 and rows["cnn"].rstrip().endswith("%")
+    assert "profile of cnn" in out and "convolution + matmul" in out
 
 
 def test_trial_breakdown_quick(workdir, tiny_data):

@@ -6,7 +6,7 @@ from fmnist_sweep.cli import main
 
 BAD = [
     (["model=cnnn"], "unknown model option 'cnnn'. Choose one of: autoencoder, bilstm, cnn, "
-                     "encoder_classifier, rnn. Did you mean model=cnn?"),
+                     "encoder_classifier, resnet, rnn. Did you mean model=cnn?"),
     (["optimizer=adma"], "Did you mean optimizer=adam?"),
     (["optimizer.lr=0"], "optimizer.lr=0 is not allowed: optimizer.lr must be a number > 0."),
     (["optimizer.lr=-0.1"], "optimizer.lr must be a number > 0"),
