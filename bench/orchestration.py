@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -112,10 +113,14 @@ def noop_ms(n: int) -> float:
 
 
 def measure(label: str, overrides: list[str], trials: int, epochs: int) -> dict:
-    from fmnist_sweep.config import compose
+    from fmnist_sweep.config import compose, resource_dir
     from fmnist_sweep.study import Study
 
-    cfg_over = ["+experiment=quickstart", f"trainer.epochs={epochs}", f"study.n_trials={trials + 1}",
+    # quickstart's search space without its pruner: every trial logs all its epochs and its artifacts
+    sweep = Path(f"bench-{label.replace(' ', '').replace('+', '-')}.yaml").resolve()
+    text = (resource_dir("sweeps") / "quickstart.yaml").read_text()
+    sweep.write_text(re.sub(r"(?m)^pruner:.*$", "pruner: {name: none}", text))
+    cfg_over = ["+experiment=quickstart", f"sweep={sweep}", f"trainer.epochs={epochs}", f"study.n_trials={trials + 1}",
                 f"study.name=bench-{label.replace(' ', '-').replace('+', '')}", "trainer.progress=false", *overrides]
     study = Study(compose(cfg_over), cfg_over)
     stamps = []

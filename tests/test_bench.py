@@ -19,7 +19,7 @@ def bench(name, *args, cwd=None):
 
 def test_train_throughput_quick():
     out = bench("train_throughput.py", "--models", "cnn,rnn,resnet", "--profile", "cnn")
-    assert "large-matmul peak: fp32" in out and "baseline" in out
+    assert "large-GEMM peak (GFLOP/s, matmul / 3x3 conv): fp32" in out and "baseline" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn ", "resnet "))}
     assert set(rows) == {"cnn", "rnn", "resnet"}
     assert "(bf16)" in rows["cnn"] or "(fp32)" in rows["cnn"]
@@ -58,4 +58,5 @@ def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
 def test_bf16_accuracy_quick(workdir, tiny_data):
     out = bench("bf16_accuracy.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
-    assert "fp32: val/accuracy" in out and "bf16: val/accuracy" in out and "points of val/accuracy" in out
+    assert "seed 0 fp32: val/accuracy" in out and "seed 0 bf16: val/accuracy" in out
+    assert "points of val/accuracy on average over 1 seed(s)" in out
