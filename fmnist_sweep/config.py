@@ -115,7 +115,6 @@ RULES = {
     "trainer.augment.flip": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.augment.erase": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "trainer.eval_flip": (lambda v: isinstance(v, bool), "true or false"),
-    "trainer.compile": (lambda v: isinstance(v, bool), "true or false"),
     "model.blocks": (lambda v: all(isinstance(b, int) and b >= 1 for b in _each(v)), "integers >= 1"),
     "model.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
@@ -160,6 +159,6 @@ def config_fingerprint(cfg: DictConfig) -> str:
         c.pop(key, None)
     for key in ("root", "cache_dir", "download", "mirror"):
         c["data"].pop(key, None)
-    for key in ("progress", "threads", "eval_batch_size", "compile"):
+    for key in ("progress", "threads", "eval_batch_size"):
         c["trainer"].pop(key, None)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]

@@ -238,9 +238,6 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                      else getattr(model, "channels_last_gain", False))
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    # What trains and evaluates: the model, or its torch.compile'd graph (same parameters;
-    # state_dicts are taken from the model itself).
-    net = torch.compile(model) if tcfg.get("compile", False) else model
 
     def autocast():
         if precision == "bf16":
@@ -283,12 +280,12 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                     bar.update(task, advance=1, **({"stats": f"loss {loss:.4f}"} if loss is not None else {}))
 
                 t0 = time.perf_counter()
-                train_loss = train_epoch(net, optimizer, data.train, tcfg.batch_size, generator,
+                train_loss = train_epoch(model, optimizer, data.train, tcfg.batch_size, generator,
                                          autocast, channels_last, on_batch, scheduler, aug)
                 train_seconds = time.perf_counter() - t0
                 metrics = {"train/loss": train_loss}
                 if len(data.val):  # empty when retraining on train+val for a final model
-                    val = evaluate(net, data.val, tcfg.eval_batch_size, autocast, channels_last, flip=eval_flip)
+                    val = evaluate(model, data.val, tcfg.eval_batch_size, autocast, channels_last, flip=eval_flip)
                     if not math.isfinite(val["loss"]):
                         raise Diverged(f"validation loss became {val['loss']}")
                     metrics["val/loss"] = val["loss"]
@@ -329,7 +326,7 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         if result.best is not None:
             final[f"best/{monitor}"] = result.best
         split_name = "test" if tcfg.test or not len(data.val) else "val"
-        ev = evaluate(net, getattr(data, split_name), tcfg.eval_batch_size, autocast, channels_last,
+        ev = evaluate(model, getattr(data, split_name), tcfg.eval_batch_size, autocast, channels_last,
                       keep_outputs=True, flip=eval_flip)
         if split_name == "test":
             final["test/loss"] = ev["loss"]
