@@ -158,11 +158,14 @@ def make_storage(cfg_storage: DictConfig):
         error: Exception = RuntimeError("the schema could not be created")
         for attempt in range(5):
             try:
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else
                     {"connect_args": {"timeout": 60}},
                     heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period,
                     heartbeat_stale_trial_callback=retry)
+                if url.startswith("sqlite"):
+                    _serialize_sqlite(storage.engine)
+                return storage
             except sqlalchemy.exc.IntegrityError as e:
                 # Workers starting together on a fresh database race to create the schema:
                 # the loser finds it made on its next attempt.
@@ -179,6 +182,27 @@ def make_storage(cfg_storage: DictConfig):
     path = Path(cfg_storage.path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _serialize_sqlite(engine) -> None:
+    """Every SQLite transaction takes the write lock when it begins (BEGIN IMMEDIATE).
+
+    Python's sqlite3 starts a transaction only at its first write, so Optuna's
+    read-check-write of a WAITING trial (an enqueued configuration, a heartbeat retry)
+    is not atomic across processes: two workers could both claim the same trial, and
+    the one that finished second crashed with "Cannot tell a COMPLETE trial".
+    PostgreSQL locks the row (SELECT ... FOR UPDATE) and needs none of this."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed
 
 
 def _base_overrides(overrides: list[str]) -> list[str]:
