@@ -13,7 +13,7 @@ from .errors import UserError
 
 def default_workers(per_gpu: int, gpus: int, cores: list[int]) -> int:
     """Without -n: every GPU slot, else one 1-thread worker per core. On 2 cores,
-    bench/workers.py measured 2 workers x 1 thread at 1.34x the trials/hour of
+    bench/workers.py measured 2 workers x 1 thread at 1.09x-1.34x the trials/hour of
     1 worker x 2 threads on real-size trials (small convs scale poorly across threads)."""
     return gpus * per_gpu if gpus else len(cores)
 
