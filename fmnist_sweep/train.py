@@ -266,11 +266,9 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     generator = torch.Generator().manual_seed(cfg.seed)
     best_state, stale = None, 0
     n_batches = math.ceil(len(data.train) / tcfg.batch_size)
-    scheduler = make_scheduler(tcfg.get("lr_schedule", "constant"), optimizer, tcfg.epochs * n_batches)
-    aug = tcfg.get("augment")
-    aug = {"shift": aug.shift, "flip": aug.flip, "erase": aug.get("erase", 0.0)} if aug else None
-    aug = aug if aug and any(aug.values()) else None
-    eval_flip = bool(tcfg.get("eval_flip", False))
+    scheduler = make_scheduler(tcfg.lr_schedule, optimizer, tcfg.epochs * n_batches)
+    aug = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None  # only what is on
+    eval_flip = tcfg.eval_flip
     try:
         with _progress(tcfg.progress) as bar:
             for epoch in range(1, tcfg.epochs + 1):
