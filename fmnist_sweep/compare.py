@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tracking  # noqa: F401  (MLflow's environment defaults, before mlflow is imported)
+from .artifacts import _pyplot
 from .errors import UserError
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -96,7 +97,7 @@ def _all_runs(client, experiment_id) -> list:
 
 
 def gather(names: list[str], where: list[str]):
-    """Entries of the named studies / runs, and the studies' own facts."""
+    """Entries of the named studies / runs, the studies' own facts, and the MLflow client of their store."""
     from optuna.trial import TrialState
 
     from .config import compose
@@ -105,7 +106,7 @@ def gather(names: list[str], where: list[str]):
 
     entries, studies = [], []
     cfg = compose(where)
-    tracker = None
+    tracker = client = None
     for name in names:
         if RUN_ID.fullmatch(name):
             tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
@@ -118,8 +119,10 @@ def gather(names: list[str], where: list[str]):
             if run.info.status != "FINISHED":
                 raise UserError(f"run {name} is {run.info.status}: compare takes finished runs")
             entries.append(_entry(run, "run", "single"))
+            client = tracker.client
             continue
         study = open_study(where, name)
+        client = study.tracker.client
         runs = {r.info.run_id: r for r in _all_runs(study.tracker.client, study.tracker.experiment_id)}
         trials = [t for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                   if "duplicate_of" not in t.user_attrs and t.user_attrs.get("mlflow_run_id") in runs]
@@ -131,10 +134,10 @@ def gather(names: list[str], where: list[str]):
                   if not t.user_attrs.get("fmnist.surplus")]
         studies.append({"name": name, "objective": study.sweep.objectives[0], "trials": study_entries,
                         "failed": failed,
-                        "trial_values": {t.number: t.values for t in trials}, "client": study.tracker.client})
+                        "client": study.tracker.client})
     if not entries:
         raise UserError("nothing to compare: the named studies have no complete trial yet")
-    return entries, studies
+    return entries, studies, client
 
 
 def _fmt_stat(s, digits=4) -> str:
@@ -222,12 +225,6 @@ def _level_order(row):
     return (1, 0, row["level"])
 
 
-def _pyplot():
-    from .artifacts import _pyplot as p
-
-    return p()
-
-
 def factor_plot(study: dict, rows: list[dict], path: Path) -> None:
     """The objective per level with ± std error bars."""
     plt = _pyplot()
@@ -254,7 +251,6 @@ def factor_plot(study: dict, rows: list[dict], path: Path) -> None:
 
 def latent_plot(entry: Entry, client, path: Path, n: int = 2000) -> str:
     """The encoder's latent vectors of up to n held-out images, PCA to 2-D, coloured by class."""
-    import numpy as np
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -321,15 +317,7 @@ def _per_class(entry: Entry, client, out: Path) -> list[str]:
 
 
 def report(names: list[str], where: list[str], out: Path) -> str:
-    entries, studies = gather(names, where)
-    client = studies[0]["client"] if studies else None
-    if client is None:
-        from mlflow.tracking import MlflowClient
-
-        from .config import compose
-        from .tracking import local_uri
-
-        client = MlflowClient(local_uri(compose(where).tracking.uri))
+    entries, studies, client = gather(names, where)
     lines = [f"# Comparison: {', '.join(names)}", ""]
     fam = family_rows(entries)
     if fam:
