@@ -8,7 +8,15 @@ included; the best value counts complete trials only. The figure of merit: epoch
 the pruned arm needs to come within 0.2 points of the unpruned arm's best, against the
 epochs the unpruned arm needed to reach that best.
 
-    python bench/sweep_efficiency.py                  # 16 trials (32 pruned) per arm, ~25 min on 1 core
+Two live arms with different pruning also sample different trials (TPE learns from
+what was pruned), so on a small experiment their difference is mostly which lucky
+configuration each happened to draw. The replay separates the pruner from that luck:
+each pruner (built by fmnist_sweep.study.make_pruner, as a sweep would build it)
+watches the unpruned TPE arm's recorded learning curves epoch by epoch, in trial
+order, in an in-memory Optuna study, and stops what it would have stopped; the same
+trials, so the epochs it saves are pruning's alone.
+
+    python bench/sweep_efficiency.py                  # 16 trials (32 pruned) per arm, ~40 min on 1 core
     python bench/sweep_efficiency.py --seeds 0,1      # more sampler seeds (medians)
     python bench/sweep_efficiency.py --plot docs/sweep_efficiency.png
     python bench/sweep_efficiency.py --quick          # tiny: checks it runs
@@ -38,6 +46,13 @@ SPACE = """
   trainer.batch_size: choice(64, 100, 128)
 """
 TOLERANCE = 0.002
+# Pruners replayed on the unpruned TPE arm's curves (sweep-file pruner specs).
+REPLAYED = {
+    "median (quickstart's)": {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
+    "percentile 25": {"name": "percentile", "n_startup_trials": 3, "n_warmup_steps": 1},
+    "successive halving": {"name": "successive_halving"},
+    "hyperband": {"name": "hyperband"},
+}
 
 
 def run_arm(name, sampler, pruner, seed, trials, overrides, work: Path):
@@ -56,17 +71,48 @@ def run_arm(name, sampler, pruner, seed, trials, overrides, work: Path):
         params:""") + SPACE)
     over = [f"sweep={path}", f"study.name={path.stem}", "model=cnn", "optimizer=rmsprop", "trainer.test=false",
             "trainer.progress=false", f"seed={seed}", *overrides]
-    study = Study(compose(over), over)
+    cfg = compose(over)
+    study = Study(cfg, over)
     study.optimize()
+    trials = [t for t in sorted(study.optuna.get_trials(deepcopy=False), key=lambda t: t.number)
+              if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     curve, spent, best = [], 0, None
-    for t in sorted(study.optuna.get_trials(deepcopy=False), key=lambda t: t.number):
-        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            continue
+    for t in trials:
         spent += len(t.intermediate_values)
         if t.state == TrialState.COMPLETE and (best is None or t.value > best):
             best = t.value
         curve.append((spent, best))
-    return curve
+    return curve, trials, study.sweep, cfg.trainer.epochs
+
+
+def replay(trials, sweep, epochs, pruner_spec):
+    """The best-so-far curve a pruner would have produced on these recorded trials: each
+    trial's per-epoch values reported in order to a fresh in-memory study with that
+    pruner; a pruned trial costs the epochs it ran and yields no result."""
+    import dataclasses
+
+    import optuna
+
+    from fmnist_sweep.study import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = make_pruner(dataclasses.replace(sweep, pruner=pruner_spec), epochs)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    curve, spent, best, pruned = [], 0, None, 0
+    for t in trials:
+        trial = study.ask()
+        for step in sorted(t.intermediate_values):
+            trial.report(t.intermediate_values[step], step)
+            spent += 1
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                pruned += 1
+                break
+        else:
+            study.tell(trial, t.value)
+            best = t.value if best is None else max(best, t.value)
+        curve.append((spent, best))
+    return curve, pruned
 
 
 def epochs_to_reach(curve, target):
@@ -92,40 +138,52 @@ def main():
     print(f"experiment: seed CNN, quickstart's search space, {' '.join(overrides)}; trials: "
           + ", ".join(f"{arm} {args.trials * times}" for arm, (_, _, times) in ARMS.items()))
     curves = {arm: [] for arm in ARMS}
-    rows = []
+    replayed = {name: [] for name in REPLAYED}
+    saved = {"live: tpe + median pruner": [], **{f"replay: {name}": [] for name in REPLAYED}}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, (sampler, pruner, times) in ARMS.items():
-            curves[arm].append(run_arm(arm, sampler, pruner, seed, args.trials * times, overrides, work))
-            spent, best = curves[arm][-1][-1]
+            curve, trials, sweep, epochs = run_arm(arm, sampler, pruner, seed, args.trials * times, overrides, work)
+            curves[arm].append(curve)
+            spent, best = curve[-1]
             print(f"seed {seed}  {arm:<22} best val/accuracy {best:.4f}  after {spent} epochs in all", flush=True)
+            if arm == "tpe, no pruning":
+                recorded = (trials, sweep, epochs)
         ref = curves["tpe, no pruning"][-1]
         ref_best = ref[-1][1]
         ref_epochs = epochs_to_reach(ref, ref_best)
-        got = epochs_to_reach(curves["tpe + median pruner"][-1], ref_best - TOLERANCE)
-        saved = None if got is None else 1 - got / ref_epochs
-        rows.append(saved)
-        print(f"seed {seed}  no-pruning best {ref_best:.4f} reached after {ref_epochs} epochs; pruned TPE within "
-              f"{100 * TOLERANCE:.1f} pt after " + (f"{got} epochs: {100 * saved:.0f}% of the epochs saved"
-                                                     if got is not None else "— (not reached)"), flush=True)
-    reached = [s for s in rows if s is not None]
-    if reached:
-        print(f"epochs saved by pruning (median over {len(rows)} seed(s), {len(reached)} reached): "
-              f"{100 * statistics.median(reached):.0f}%")
-    else:
-        print("epochs saved by pruning: the pruned arm never came within 0.2 points of the unpruned best")
+        print(f"seed {seed}  no-pruning TPE best {ref_best:.4f}, reached after {ref_epochs} epochs; "
+              f"epochs to come within {100 * TOLERANCE:.1f} pt of it:", flush=True)
+        candidates = [("live: tpe + median pruner", curves["tpe + median pruner"][-1], "")]
+        for name, spec in REPLAYED.items():
+            curve, pruned = replay(*recorded, spec)
+            replayed[name].append(curve)
+            candidates.append((f"replay: {name}", curve, f", {pruned} of {len(curve)} trials pruned"))
+        for label, curve, extra in candidates:
+            got = epochs_to_reach(curve, ref_best - TOLERANCE)
+            frac = None if got is None else 1 - got / ref_epochs
+            saved[label].append(frac)
+            print(f"seed {seed}    {label:<34}" + (f"{got:>4} epochs: {100 * frac:4.0f}% saved" if got is not None
+                                                  else "   — not reached") + extra, flush=True)
+    print(f"epochs saved to come within {100 * TOLERANCE:.1f} pt of the no-pruning TPE best "
+          f"(median over {len(saved['live: tpe + median pruner'])} seed(s); 'not reached' counts as 0%):")
+    for label, fracs in saved.items():
+        print(f"  {label:<36}{100 * statistics.median([f or 0.0 for f in fracs]):4.0f}%"
+              f"  (reached on {sum(f is not None for f in fracs)} of {len(fracs)})")
     if plot:
         from fmnist_sweep.artifacts import _pyplot
 
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, (arm, cs) in enumerate(curves.items()):
+        series = [(arm, cs, "-") for arm, cs in curves.items()]
+        series += [(f"replay: {name}", cs, "--") for name, cs in replayed.items()]
+        for i, (label, cs, style) in enumerate(series):
             for j, c in enumerate(cs):
                 pts = [(s, b) for s, b in c if b is not None]
                 ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=f"C{i}", alpha=0.9,
-                        label=arm if j == 0 else None)
+                        linestyle=style, label=label if j == 0 else None)
         ax.set_xlabel("training epochs spent (all trials, pruned included)")
         ax.set_ylabel("best val/accuracy so far")
-        ax.set_title("search efficiency: " + " ".join(overrides))
+        ax.set_title("search efficiency (dashed: pruners replayed on the no-pruning TPE trials)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -52,7 +52,35 @@ def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
                 "data.train_fraction=1.0", "--plot", str(tmp_path / "eff.png"))
     for arm in ("tpe + median pruner", "tpe, no pruning", "random, no pruning"):
         assert arm in out
-    assert "epochs saved by pruning" in out and (tmp_path / "eff.png").stat().st_size > 0
+    assert "epochs saved to come within 0.2 pt of the no-pruning TPE best" in out
+    for line in ("live: tpe + median pruner", "replay: median (quickstart's)", "replay: hyperband"):
+        assert sum(line in row for row in out.splitlines()) == 2  # the seed's row and the summary's
+    assert (tmp_path / "eff.png").stat().st_size > 0
+
+
+def test_sweep_efficiency_replay_prunes_what_the_pruner_would():
+    """The replay reports recorded curves to a real pruner: a no-op pruner gives back the
+    recorded run; the median pruner stops the trial that is below every other at its second
+    epoch, charging the epochs it ran."""
+    import importlib.util
+
+    import optuna
+
+    from fmnist_sweep.study import Sweep
+
+    spec = importlib.util.spec_from_file_location("sweep_efficiency", ROOT / "bench" / "sweep_efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    curves = [[0.5, 0.6, 0.7], [0.5, 0.65, 0.75], [0.5, 0.62, 0.72], [0.4, 0.45, 0.5], [0.55, 0.7, 0.8]]
+    trials = [optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, value=c[-1],
+                                        intermediate_values=dict(enumerate(c))) for c in curves]
+    sweep = Sweep(name="t", objectives=[("val/accuracy", "maximize")], n_trials=5, space=None)
+    curve, pruned = mod.replay(trials, sweep, 3, {"name": "none"})
+    assert pruned == 0 and curve == [(3, 0.7), (6, 0.75), (9, 0.75), (12, 0.75), (15, 0.8)]
+    curve, pruned = mod.replay(trials, sweep, 3, {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 1})
+    assert pruned == 1 and curve == [(3, 0.7), (6, 0.75), (9, 0.75), (11, 0.75), (14, 0.8)]
+    assert mod.epochs_to_reach(curve, 0.8 - 0.002) == 14
 
 
 def test_bf16_accuracy_quick(workdir, tiny_data):
