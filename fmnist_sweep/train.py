@@ -66,6 +66,9 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def select_precision(setting: str, device: torch.device, model) -> str:
+    if setting == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        print("warning: trainer.precision=bf16 on a CPU without bf16 units (AMX or AVX512-BF16): autocast "
+              "emulates it, several times slower than fp32; precision=auto trains in fp32 here")
     if setting != "auto":
         return setting
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
@@ -309,7 +312,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                     bar.console.print(f"epoch {epoch}/{tcfg.epochs}  {shown}  "
                                       f"{metrics['perf/images_per_s']:,.0f} img/s  "
                                       f"{metrics['perf/epoch_seconds']:.1f} s", soft_wrap=True)
-                if report is not None and report(epoch, metrics):
+                # The last epoch is paid for: its value is reported, its result kept.
+                if report is not None and report(epoch, metrics) and epoch < tcfg.epochs:
                     tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
                     tracker.end(run_id, "KILLED")
                     result.status, result.message = "KILLED", f"pruned after epoch {epoch}"

@@ -23,7 +23,8 @@ def test_train_throughput_quick():
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn ", "resnet "))}
     assert set(rows) == {"cnn", "rnn", "resnet"}
     assert "(bf16)" in rows["cnn"] or "(fp32)" in rows["cnn"]
-    assert rows["cnn"].count("x") == 2 and rows["cnn"].rstrip().endswith("%")
+    assert rows["cnn"].count("x") == 3 and "%" in rows["cnn"] and rows["cnn"].rstrip().endswith("x")  # ceiling last
+    assert "ceiling = the default ratio" in out
     assert "profile of cnn" in out and "convolution + matmul" in out
 
 

@@ -86,3 +86,42 @@ def test_every_tracking_option_composes(name, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     cfg = compose([f"tracking={name}"])
     assert cfg.tracking.uri.startswith(("sqlite:///", "http://127.0.0.1:5999"))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_dropout_drops_p_scales_the_rest_and_passes_the_same_gradient(p):
+    """The CPU fast mask: the fraction dropped is p (1,000,000 draws: 5 sigma < 0.0025),
+    kept values are scaled by 1/(1-p), the gradient is the same mask times the same
+    scale, the layout of a channels_last input is kept, eval mode is the identity, and
+    torch.manual_seed makes it repeatable."""
+    from fmnist_sweep.models import Dropout
+
+    d = Dropout(p)
+    x = torch.ones(100, 10, 10, 100, requires_grad=True)
+    torch.manual_seed(0)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.0025
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, (y != 0) * torch.tensor(2 / (1 - p)))
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)
+    assert not torch.equal(d(x), y)  # a fresh mask each call
+    # neighbouring elements are independent: no pattern from sharing one 64-bit draw
+    keep = (y != 0).flatten()[: 400_000].view(-1, 4).float()
+    assert abs(keep.prod(1).mean().item() - (1 - p) ** 4) < 0.005
+    cl = torch.randn(8, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    assert d(cl).is_contiguous(memory_format=torch.channels_last)
+    d.eval()
+    assert torch.equal(d(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x) and not Dropout(1.0).train()(x).any()
+
+
+def test_models_use_the_fast_dropout():
+    from fmnist_sweep.models import Dropout
+
+    for name in ("cnn", "rnn", "bilstm", "autoencoder", "encoder_classifier", "resnet"):
+        model = instantiate(compose([f"model={name}"]).model)
+        kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert kinds == {Dropout}, name

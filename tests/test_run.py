@@ -122,6 +122,17 @@ def test_report_hook_prunes_and_run_is_killed(tiny_overrides, workdir):
     assert len(client.get_metric_history(r.info.run_id, "val/accuracy")) == 2
 
 
+def test_a_prune_signal_at_the_last_epoch_keeps_the_finished_result(tiny_overrides, workdir):
+    """Pruning after the last epoch would save nothing and throw a paid-for result away."""
+    seen = []
+    result = run(compose(tiny_overrides + ["trainer.epochs=2"]),
+                 report=lambda epoch, metrics: seen.append(epoch) or epoch == 2)
+    assert result.status == "FINISHED" and seen == [1, 2] and result.metrics["val/accuracy"] >= 0
+    client, (r,) = mlflow_runs(workdir)
+    assert r.info.status == "FINISHED" and "fmnist.pruned" not in r.data.tags
+    assert len(client.get_metric_history(r.info.run_id, "val/accuracy")) == 2
+
+
 def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_overrides, workdir, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the fallback path is for machines without it")
@@ -129,3 +140,13 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_overrides, workdir, 
     assert "CUDA is not available here; training on cpu" in capsys.readouterr().out
     _, (r,) = mlflow_runs(workdir)
     assert r.data.tags["fmnist.device"] == "cpu" and r.data.tags["fmnist.precision"] == "fp32"
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_and_auto_stays_fp32(tiny_overrides, workdir, capsys, monkeypatch):
+    monkeypatch.setattr("fmnist_sweep.train.cpu_has_fast_bf16", lambda: False)
+    assert main(tiny_overrides) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(tiny_overrides + ["trainer.precision=bf16"]) == 0
+    assert "trainer.precision=bf16 on a CPU without bf16 units" in capsys.readouterr().out
+    _, runs = mlflow_runs(workdir)
+    assert sorted(r.data.tags["fmnist.precision"] for r in runs) == ["bf16", "fp32"]

@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import Dropout
+
 
 class Encoder(nn.Module):
     """2 x [conv3x3 -> ReLU -> maxpool -> dropout] -> linear to the latent vector."""
@@ -12,8 +14,8 @@ class Encoder(nn.Module):
         super().__init__()
         c1, c2 = channels
         self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
             nn.Flatten(), nn.Linear(c2 * 7 * 7, latent_dim))
 
     def forward(self, x):
@@ -35,9 +37,9 @@ class Autoencoder(nn.Module):
         c1, c2 = channels
         self.encoder = Encoder(latent_dim, dropout, channels)
         self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, c2 * 7 * 7), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(latent_dim, c2 * 7 * 7), nn.ReLU(), Dropout(dropout),
             nn.Unflatten(1, (c2, 7, 7)),
-            nn.ConvTranspose2d(c2, c1, 2, stride=2), nn.ReLU(), nn.Dropout(dropout),
+            nn.ConvTranspose2d(c2, c1, 2, stride=2), nn.ReLU(), Dropout(dropout),
             nn.ConvTranspose2d(c1, 1, 2, stride=2), OUTPUTS[output_activation]())
 
     def forward(self, x, y=None):

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import Classifier
+from . import Classifier, Dropout
 
 
 class BiLSTM(Classifier):
@@ -17,7 +17,7 @@ class BiLSTM(Classifier):
             size = 2 * h
         layers = []
         for d in dense:
-            layers += [nn.Linear(size, d), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(size, d), nn.ReLU(), Dropout(dropout)]
             size = d
         self.head = nn.Sequential(*layers, nn.Linear(size, num_classes))
 

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import Classifier
+from . import Classifier, Dropout
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -26,12 +26,12 @@ class CNN(Classifier):
             # Keras applies the activation inside Conv2D, before BatchNorm.
             layers += [nn.Conv2d(c, w, 3, padding=1), act(), nn.BatchNorm2d(w),
                        nn.Conv2d(w, w, 3, padding=1), act(), nn.BatchNorm2d(w),
-                       nn.MaxPool2d(2), nn.Dropout(p)]
+                       nn.MaxPool2d(2), Dropout(p)]
             c, size = w, size // 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(c * size * size, dense), nn.ReLU(), nn.BatchNorm1d(dense),
-            nn.Dropout(dense_dropout), nn.Linear(dense, num_classes))
+            Dropout(dense_dropout), nn.Linear(dense, num_classes))
 
     def logits(self, x):
         return self.head(self.features(x))

@@ -7,7 +7,7 @@ trainer's (``trainer.augment``, ``trainer.lr_schedule``)."""
 
 from torch import nn
 
-from . import Classifier
+from . import Classifier, Dropout
 from .cnn import ACTIVATIONS
 
 
@@ -44,7 +44,7 @@ class ResNet(Classifier):
                 layers.append(Block(c, w, 2 if i > 0 and j == 0 else 1, act))
                 c = w
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), Dropout(dropout),
                                   nn.Linear(c, num_classes))
         self.label_smoothing = label_smoothing
 

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import Classifier
+from . import Classifier, Dropout
 
 
 class RNN(Classifier):
@@ -19,7 +19,7 @@ class RNN(Classifier):
         for h in hidden:
             self.layers.append(nn.RNN(size, h, nonlinearity=activation, batch_first=True))
             size = h
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.BatchNorm1d(size)
         self.out = nn.Linear(size, num_classes)
 
