@@ -189,7 +189,7 @@ def main():
         ax.set_ylabel("best val/accuracy so far")
         ax.set_title("search efficiency (dashed: pruners replayed on the no-pruning TPE trials)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=100)

