@@ -100,7 +100,8 @@ def replay(trials, sweep, epochs, pruner_spec):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = make_pruner(dataclasses.replace(sweep, pruner=pruner_spec), epochs)
-    study = optuna.create_study(direction="maximize", pruner=pruner)
+    # a fixed name: Hyperband assigns trials to brackets by a hash of study name and trial number
+    study = optuna.create_study(study_name=f"replay-{pruner_spec['name']}", direction="maximize", pruner=pruner)
     curve, spent, best, pruned = [], 0, None, 0
     for t in trials:
         trial = study.ask()
@@ -129,13 +130,16 @@ def main():
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--plot", help="write best-so-far vs epochs to this PNG")
+    ap.add_argument("--workdir", help="keep the studies here (default: a fresh temporary folder); a finished "
+                    "run's folder given again re-reads its studies and trains nothing")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     data = ["data.train_fraction=0.1", "data.val_fraction=0.1", "trainer.epochs=10"]
     if args.quick:
         args.trials, data = 4, ["data.train_fraction=0.01", "data.val_fraction=0.02", "trainer.epochs=3"]
     plot = Path(args.plot).resolve() if args.plot else None
-    work = Path(tempfile.mkdtemp(prefix="fmnist-sweepeff-"))
+    work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="fmnist-sweepeff-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     os.environ["FMNIST_SWEEP_DIR"] = str(work)
     overrides = [*data, *args.overrides]
@@ -144,6 +148,7 @@ def main():
     curves = {arm: [] for arm in ARMS}
     replayed = {name: [] for name in REPLAYED}
     saved = {"live: tpe + median pruner": [], **{f"replay: {name}": [] for name in REPLAYED}}
+    whole = {f"replay: {name}": [] for name in REPLAYED}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, (sampler, pruner, times) in ARMS.items():
             curve, trials, sweep, epochs = run_arm(arm, sampler, pruner, seed, args.trials * times, overrides, work)
@@ -153,26 +158,39 @@ def main():
             if arm == "tpe, no pruning":
                 recorded = (trials, sweep, epochs)
         ref = curves["tpe, no pruning"][-1]
-        ref_best = ref[-1][1]
-        ref_epochs = epochs_to_reach(ref, ref_best)
-        print(f"seed {seed}  no-pruning TPE best {ref_best:.4f}, reached after {ref_epochs} epochs; "
-              f"epochs to come within {100 * TOLERANCE:.1f} pt of it:", flush=True)
+        (ref_total, ref_best), ref_epochs = ref[-1], epochs_to_reach(ref, ref[-1][1])
+        print(f"seed {seed}  no-pruning TPE: best {ref_best:.4f}, first reached after {ref_epochs} of its "
+              f"{ref_total} epochs. With pruning, epochs to first come within {100 * TOLERANCE:.1f} pt of it; "
+              f"for the replays also the whole search (same trials):", flush=True)
         candidates = [("live: tpe + median pruner", curves["tpe + median pruner"][-1], "")]
         for name, spec in REPLAYED.items():
             curve, pruned = replay(*recorded, spec)
             replayed[name].append(curve)
-            candidates.append((f"replay: {name}", curve, f", {pruned} of {len(curve)} trials pruned"))
+            candidates.append((f"replay: {name}", curve, f"; {pruned} of {len(curve)} trials pruned"))
         for label, curve, extra in candidates:
             got = epochs_to_reach(curve, ref_best - TOLERANCE)
             frac = None if got is None else 1 - got / ref_epochs
             saved[label].append(frac)
-            print(f"seed {seed}    {label:<34}" + (f"{got:>4} epochs: {100 * frac:4.0f}% saved" if got is not None
-                                                  else "   — not reached") + extra, flush=True)
-    print(f"epochs saved to come within {100 * TOLERANCE:.1f} pt of the no-pruning TPE best "
-          f"(median over {len(saved['live: tpe + median pruner'])} seed(s); 'not reached' counts as 0%):")
+            line = (f"seed {seed}    {label:<32}" + (f"first within: {got:>4} epochs ({100 * frac:3.0f}% saved)"
+                                                     if got is not None else "first within: never"))
+            if label.startswith("replay"):
+                total, best = curve[-1]
+                kept = best is not None and best >= ref_best - TOLERANCE
+                whole[label].append(1 - total / ref_total if kept else None)
+                line += (f"; whole search: {total:>4} of {ref_total} epochs ({100 * (1 - total / ref_total):3.0f}% "
+                         f"saved), best {best:.4f} " + ("kept" if kept else "LOST"))
+            print(line + extra, flush=True)
+    n = len(saved["live: tpe + median pruner"])
+    print(f"epochs saved by pruning, median over {n} seed(s) ('never' and a lost best count as 0%): to first come "
+          f"within {100 * TOLERANCE:.1f} pt of the no-pruning best | over the whole search with its best kept")
     for label, fracs in saved.items():
-        print(f"  {label:<36}{100 * statistics.median([f or 0.0 for f in fracs]):4.0f}%"
-              f"  (reached on {sum(f is not None for f in fracs)} of {len(fracs)})")
+        line = (f"  {label:<36}{100 * statistics.median([f or 0.0 for f in fracs]):4.0f}%"
+                f"  (reached on {sum(f is not None for f in fracs)} of {n})")
+        if label in whole:
+            w = whole[label]
+            line += (f" | {100 * statistics.median([f or 0.0 for f in w]):4.0f}%"
+                     f"  (best kept on {sum(f is not None for f in w)} of {n})")
+        print(line)
     if plot:
         from fmnist_sweep.artifacts import _pyplot
 
