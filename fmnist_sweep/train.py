@@ -83,7 +83,8 @@ def keep_freed_memory(keep: bool = True) -> bool:
     VM that doubled the cost of an elementwise op on a batch of 28x28x16 maps. With
     ``keep`` the heap serves blocks up to 32 MB and is trimmed only past 512 MB free,
     so the next step reuses the same pages (PyTorch's CPU tuning guide gets the same by
-    preloading jemalloc or tcmalloc). ``keep=False`` restores glibc's fixed defaults.
+    preloading jemalloc or tcmalloc). ``keep=False`` sets glibc's initial thresholds
+    (128 KB) back, fixed: its adaptive default cannot be restored once changed.
     Returns False where there is no glibc mallopt (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return False
