@@ -166,10 +166,13 @@ def make_storage(cfg_storage: DictConfig):
                 if url.startswith("sqlite"):
                     _serialize_sqlite(storage.engine)
                 return storage
-            except sqlalchemy.exc.IntegrityError as e:
-                # Workers starting together on a fresh database race to create the schema:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+                # Workers starting together on a fresh database race to create the schema
+                # (UniqueViolation on pg_type, or DuplicateObject "type ... already exists"):
                 # the loser finds it made on its next attempt.
                 error = e
+                if isinstance(e, sqlalchemy.exc.ProgrammingError) and "already exists" not in str(e):
+                    break
                 time.sleep(0.5 * (attempt + 1))
             except Exception as e:
                 error = e
