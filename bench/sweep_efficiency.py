@@ -11,8 +11,8 @@ Figures of merit: (1) epochs until a pruned search first comes within 0.2 points
 the unpruned TPE arm's best, against the epochs that arm needed to first reach it;
 (2) for the replays, the epochs of the whole search, same trials, with the best kept
 within 0.2 points (a search is judged when it ends: nobody knows the best is the best
-until then). (1) is 0% whenever the unpruned best came from TPE's random start-up
-trials, before any pruner may act.
+until then). (1) is 0% whenever the unpruned best came from the first trials, before
+the pruner may act (its n_startup_trials).
 
 Two live arms with different pruning also sample different trials (TPE learns from
 what was pruned), so on a small experiment their difference is mostly which lucky

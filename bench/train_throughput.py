@@ -6,9 +6,9 @@ image to a PIL image, then ToTensor — + DataLoader(shuffle=True), fp32, the op
 defaults. Engine: the whole split as one tensor on the device, batches by index slicing,
 fmnist_sweep.train.train_epoch with what `python -m fmnist_sweep` picks by default
 (precision auto = bf16 autocast where the CPU has AMX/AVX512-BF16, channels_last for conv
-models), and in fp32 for the equal-precision comparison. Both loops run with the freed
-memory kept in the process, as `run()` sets it (--system-allocator: neither does). Same model, batch size and
-threads; windows interleaved so noise hits all alike; medians reported.
+models), and in fp32 for the equal-precision comparison. Both loops run with freed memory
+kept in the process, as `run()` sets it (--system-allocator: neither does). Same model,
+batch size and threads; windows interleaved so noise hits all alike; medians reported.
 
 FLOPs per training image are counted with torch.utils.flop_counter (forward + backward of
 one batch; recurrent layers counted analytically); the peak is a large bf16 / fp32 matmul.

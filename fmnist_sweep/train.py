@@ -78,12 +78,12 @@ def select_precision(setting: str, device: torch.device, model) -> str:
 
 
 def keep_freed_memory(keep: bool = True) -> bool:
-    """glibc gives freed blocks over 128 KB back to the OS (mmap / heap trim), so each
-    batch's activation tensors are page-faulted in afresh at every step: on this 2-core
-    VM that doubled the cost of an elementwise op on a batch of 28x28x16 maps. With
-    ``keep`` the heap serves blocks up to 32 MB and is trimmed only past 512 MB free,
-    so the next step reuses the same pages (PyTorch's CPU tuning guide gets the same by
-    preloading jemalloc or tcmalloc). ``keep=False`` sets glibc's initial thresholds
+    """glibc maps blocks over its mmap threshold (128 KB, raised as large blocks are
+    freed) fresh from the OS and trims the heap past twice that, so a step's activation
+    tensors are often page-faulted in afresh: on a 2-core VM that doubled the cost of a
+    ReLU on a batch of 16x28x28 maps. With ``keep`` the heap serves blocks up to 32 MB
+    and is trimmed only past 512 MB free, so the next step reuses the same pages
+    (PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc). ``keep=False`` sets glibc's initial thresholds
     (128 KB) back, fixed: its adaptive default cannot be restored once changed.
     Returns False where there is no glibc mallopt (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):

@@ -152,33 +152,33 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_and_auto_stays_fp32(tiny_overrid
     assert sorted(r.data.tags["fmnist.precision"] for r in runs) == ["bf16", "fp32"]
 
 
-def test_training_keeps_freed_memory_in_the_process(tiny_overrides, workdir):
-    """After a run, a freed 8 MB activation-sized block is served from the heap again
-    instead of a fresh mmap that is page-faulted in at every step (glibc's mallinfo2)."""
-    import ctypes
+def test_training_keeps_freed_memory_in_the_process(tiny_overrides, workdir, monkeypatch):
+    """run() sets the allocator to keep freed memory; with it, a freed-and-reallocated 8 MB
+    activation-sized block comes from the heap instead of a fresh mmap page-faulted in at
+    every step (glibc's mallinfo2, in fresh processes: this one's heap holds other tests'
+    free blocks)."""
+    import subprocess
     import sys
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's allocator only")
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-
-    def mmapped_after_allocating_8mb():
-        before = libc.mallinfo2().hblkhd
-        block = torch.empty(2 << 20)  # 8 MB
-        grown = libc.mallinfo2().hblkhd - before
-        del block
-        return grown
-
-    from fmnist_sweep.train import keep_freed_memory
-
-    keep_freed_memory(False)
-    assert mmapped_after_allocating_8mb() >= 8 << 20  # glibc's default: its own mmap
-    assert main(tiny_overrides) == 0
-    assert mmapped_after_allocating_8mb() == 0  # the training run set the heap to keep it
-    keep_freed_memory(False)
+    calls = []
+    monkeypatch.setattr("fmnist_sweep.train.keep_freed_memory", lambda keep=True: calls.append(keep))
+    assert main(tiny_overrides) == 0 and calls == [True]
+    probe = """
+import ctypes, sys, torch
+from fmnist_sweep.train import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+block = torch.empty(2 << 20)  # 8 MB
+print(libc.mallinfo2().hblkhd - before)
+"""
+    mmapped = {how: int(subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True,
+                                       check=True).stdout) for how in ("system", "keep")}
+    assert mmapped["system"] >= 8 << 20 and mmapped["keep"] == 0

@@ -26,8 +26,7 @@ class Dropout(nn.Dropout):
         if not (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace):
             return super().forward(x)
         n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)
-        bits = bits[:n]
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
         # The mask laid out as x (channels_last too), so the product keeps x's memory format.
         bits = (bits.as_strided(x.shape, x.stride()) if x.dim() == 4 and x.is_contiguous(
             memory_format=torch.channels_last) else bits.view(x.shape))
