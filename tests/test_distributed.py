@@ -90,7 +90,8 @@ def test_killed_worker_loses_nothing(dist):
     running = []
     while time.time() < deadline and not running:
         try:
-            running = [t for t in dist.trials() if t.state == TrialState.RUNNING
+            # mid-trial: its parameters suggested (a kill before that leaves nothing to retry)
+            running = [t for t in dist.trials() if t.state == TrialState.RUNNING and t.params
                        and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
         except KeyError:
             pass
