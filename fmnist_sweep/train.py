@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import data as fmnist
 from .config import compose, config_fingerprint, validate
 from .errors import UserError
-from .models import count_params
+from .models import count_params, fuse_conv_activations
 from .tracking import Tracker, git_commit, resolve_checkpoint
 
 
@@ -256,6 +256,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     try:
         model = instantiate(cfg.model, **model_kwargs)
         model.to(device)
+        if device.type == "cpu":
+            fuse_conv_activations(model)  # before the optimizer: it keeps the same parameters anyway
         optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     except Exception as e:  # hydra wraps bad constructor arguments
         raise UserError(f"cannot build the model/optimizer: {str(e).splitlines()[0]}") from None

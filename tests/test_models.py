@@ -125,3 +125,88 @@ def test_models_use_the_fast_dropout():
         model = instantiate(compose([f"model={name}"]).model)
         kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
         assert kinds == {Dropout}, name
+
+
+@pytest.mark.parametrize("cin,cout,k,bias,channels_last", [(32, 16, 2, True, True), (16, 1, 2, True, False),
+                                                           (8, 4, 3, False, True)])
+def test_fast_transposed_convolution_matches_torch(cin, cout, k, bias, channels_last):
+    """Kernel = stride (non-overlapping patches): one matrix product, the same outputs and
+    gradients as nn.ConvTranspose2d, in channels_last layout; other settings are torch's."""
+    from fmnist_sweep.models import ConvTranspose2d
+
+    torch.manual_seed(0)
+    ref = torch.nn.ConvTranspose2d(cin, cout, k, stride=k, bias=bias)
+    fast = ConvTranspose2d(cin, cout, k, stride=k, bias=bias)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, cin, 7, 6)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    y_ref, y = ref(x), fast(x)
+    assert y.shape == (5, cout, 7 * k, 6 * k) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y_ref, [x, *ref.parameters()], g),
+                    torch.autograd.grad(y, [x, *fast.parameters()], g)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    overlapping = ConvTranspose2d(cin, cout, 3, stride=2, padding=1)  # torch's own path
+    overlapping.load_state_dict(torch.nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1).state_dict())
+    assert overlapping(x).shape == (5, cout, 13, 11)
+
+
+def test_autoencoder_pools_before_relu_with_the_same_function():
+    """The encoder's max-pool -> ReLU order gives what the published ReLU -> max-pool does,
+    outputs and gradients."""
+    torch.manual_seed(0)
+    model = instantiate(compose(["model=autoencoder"]).model).eval()
+    net = model.encoder.net
+    assert [type(m).__name__ for m in net[:3]] == ["Conv2d", "MaxPool2d", "ReLU"]
+    published = torch.nn.Sequential(net[0], net[2], net[1], *net[3:])
+    x = torch.rand(6, 1, 28, 28)
+    for enc in (net, published):
+        enc.zero_grad()
+        z = enc(x)
+        z.square().sum().backward()
+        if enc is net:
+            z_ours, g_ours = z.detach(), net[0].weight.grad.clone()
+    torch.testing.assert_close(z_ours, z.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(g_ours, net[0].weight.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_conv_activation_fusion_keeps_parameters_outputs_and_gradients(activation, precision):
+    """fuse_conv_activations: the cnn's conv -> tanh/ReLU pairs become one oneDNN kernel
+    with the same parameters (objects and state_dict keys), outputs and gradients as
+    the unfused model; GELU (no gradient from the output alone) is left as it is."""
+    import copy
+
+    from fmnist_sweep.models import Conv2dActivation, fuse_conv_activations
+
+    torch.manual_seed(0)
+    model = instantiate(compose(["model=cnn", f"model.activation={activation}"]).model)
+    model.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(model)
+    params = list(fused.parameters())
+    n = fuse_conv_activations(fused)
+    assert n == (0 if activation == "gelu" else 6)
+    assert sum(isinstance(m, Conv2dActivation) for m in fused.modules()) == n
+    assert list(fused.parameters()) == params and fused.state_dict().keys() == model.state_dict().keys()
+    x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(8) % 10
+    tol = dict(rtol=1e-4, atol=1e-4) if precision == "fp32" else dict(rtol=0.05, atol=0.05)
+    grads = []
+    for m in (model, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits, loss = m.eval()(x, y)
+        loss.backward()
+        grads.append((logits.float(), [p.grad.float() for p in m.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(b, a, **tol)
+    # an optimizer built before the fusion still trains the fused layers
+    model2 = instantiate(compose(["model=cnn"]).model)
+    opt = torch.optim.SGD(model2.parameters(), lr=0.1)
+    fuse_conv_activations(model2)
+    before = model2.features[0].weight.detach().clone()
+    model2(x, y)[1].backward()
+    opt.step()
+    assert isinstance(model2.features[0], Conv2dActivation) and not torch.equal(model2.features[0].weight, before)

@@ -2,36 +2,16 @@
 owns its loss: ``forward(x, y=None) -> (output, loss)``; ``task`` tells the
 trainer which metrics apply ("classify" or "reconstruct")."""
 
-import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .fast import Conv2dActivation, ConvTranspose2d, Dropout, fuse_conv_activations  # noqa: F401  (the models' layers)
 
 # Fashion-MNIST training-set pixel statistics (of images scaled to [0, 1]).
 MEAN, STD = 0.2860, 0.3530
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a faster mask on the CPU. torch draws the CPU dropout mask with
-    ``bernoulli_``, one Mersenne-Twister draw per element (~12-14 ns each here: a quarter
-    of the autoencoder's training step); this draws 64 random bits per 4 elements and
-    keeps an element when its 16 bits clear ``p`` (~4 ns). Same distribution up to p's
-    rounding to 1/65,536, same seeding (torch's default generator), same scaling by
-    1 / (1 - p) and the same gradient; other devices, eval mode and p of 0 or 1 take
-    torch's own dropout."""
-
-    def forward(self, x):
-        if not (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace):
-            return super().forward(x)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
-        # The mask laid out as x (channels_last too), so the product keeps x's memory format.
-        bits = (bits.as_strided(x.shape, x.stride()) if x.dim() == 4 and x.is_contiguous(
-            memory_format=torch.channels_last) else bits.view(x.shape))
-        keep = bits >= round(self.p * 65536) - 32768  # P = 1 - p
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
 class Classifier(nn.Module):

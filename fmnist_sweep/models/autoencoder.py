@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import Dropout
+from . import ConvTranspose2d, Dropout
 
 
 class Encoder(nn.Module):
@@ -13,9 +13,11 @@ class Encoder(nn.Module):
     def __init__(self, latent_dim=64, dropout=0.2, channels=(16, 32)):
         super().__init__()
         c1, c2 = channels
+        # Max-pool before ReLU: the same function and gradient (ReLU is monotonic, so the
+        # two commute), with the ReLU on a quarter of the elements.
         self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), Dropout(dropout),
+            nn.Conv2d(1, c1, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), Dropout(dropout),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), Dropout(dropout),
             nn.Flatten(), nn.Linear(c2 * 7 * 7, latent_dim))
 
     def forward(self, x):
@@ -39,8 +41,8 @@ class Autoencoder(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, c2 * 7 * 7), nn.ReLU(), Dropout(dropout),
             nn.Unflatten(1, (c2, 7, 7)),
-            nn.ConvTranspose2d(c2, c1, 2, stride=2), nn.ReLU(), Dropout(dropout),
-            nn.ConvTranspose2d(c1, 1, 2, stride=2), OUTPUTS[output_activation]())
+            ConvTranspose2d(c2, c1, 2, stride=2), nn.ReLU(), Dropout(dropout),
+            ConvTranspose2d(c1, 1, 2, stride=2), OUTPUTS[output_activation]())
 
     def forward(self, x, y=None):
         recon = self.decoder(self.encoder(x))

@@ -1,0 +1,125 @@
+"""Faster CPU paths for layers the models use: the same function and gradient as
+torch's layer, computed with fewer passes over memory. Each falls back to torch's
+own layer wherever its fast path does not apply (other devices, other settings)."""
+
+import torch
+from torch import nn
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a faster mask on the CPU. torch draws the CPU dropout mask with
+    ``bernoulli_``, one Mersenne-Twister draw per element (~12-14 ns each here: a quarter
+    of the autoencoder's training step); this draws 64 random bits per 4 elements and
+    keeps an element when its 16 bits clear ``p`` (~4 ns). Same distribution up to p's
+    rounding to 1/65,536, same seeding (torch's default generator), same scaling by
+    1 / (1 - p) and the same gradient; other devices, eval mode and p of 0 or 1 take
+    torch's own dropout."""
+
+    def forward(self, x):
+        if not (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace):
+            return super().forward(x)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
+        # The mask laid out as x (channels_last too), so the product keeps x's memory format.
+        bits = (bits.as_strided(x.shape, x.stride()) if x.dim() == 4 and x.is_contiguous(
+            memory_format=torch.channels_last) else bits.view(x.shape))
+        keep = bits >= round(self.p * 65536) - 32768  # P = 1 - p
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d that computes a kernel-equals-stride layer (the autoencoder's
+    2x2, stride 2: output patches do not overlap) as one matrix product of the input
+    pixels with the weight, then places each pixel's k x k patch. torch's transposed
+    convolution took 2-4x longer for these thin layers on a CPU and converted memory
+    formats around them. Output in channels_last layout; same parameters."""
+
+    def forward(self, x, output_size=None):
+        (kh, kw), co = self.kernel_size, self.out_channels
+        if not (output_size is None and x.dim() == 4 and self.stride == self.kernel_size and self.groups == 1
+                and self.padding == (0, 0) and self.output_padding == (0, 0) and self.dilation == (1, 1)):
+            return super().forward(x, output_size)
+        n, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when x is channels_last
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, kh * kw * co)  # columns ordered (row, col, channel)
+        y = pixels @ weight if self.bias is None else torch.addmm(self.bias.repeat(kh * kw), pixels, weight)
+        # (n, h, w, kh, kw, co) -> (n, h, kh, w, kw, co): output pixel (h*kh + i, w*kw + j), channels last
+        y = y.view(n, h, w, kh, kw, co).transpose(2, 3).reshape(n, h * kh, w * kw, co)
+        return y.permute(0, 3, 1, 2)
+
+
+# Activations oneDNN can apply inside the convolution, with their gradient from the output.
+_FUSABLE = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
+_GRAD_FROM_OUTPUT = {"tanh": torch.ops.aten.tanh_backward, "sigmoid": torch.ops.aten.sigmoid_backward,
+                     "relu": lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0)}
+
+
+class _ConvActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, activation):
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
+                                                    activation, [], "")
+        ctx.save_for_backward(x, weight, y)
+        ctx.conv = (stride, padding, dilation, groups, activation, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        stride, padding, dilation, groups, activation, has_bias = ctx.conv
+        grad = _GRAD_FROM_OUTPUT[activation](grad, y).to(x.dtype)
+        needs = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
+            groups, [needs[0], needs[1], has_bias and needs[2]])
+        return gx, gw, gb, None, None, None, None, None
+
+
+class Conv2dActivation(nn.Conv2d):
+    """A Conv2d and the activation after it as one oneDNN convolution with the activation
+    applied to its result before it is written (torch's tanh alone took as long as a
+    32-channel 3x3 convolution on the CPU); the backward pass is torch's own. Holds
+    the convolution's own parameters: built by fuse_conv_activations()."""
+
+    activation = "tanh"
+
+    def forward(self, x):
+        weight, bias = self.weight, self.bias
+        if not (x.device.type == "cpu" and isinstance(self.padding, tuple) and self.padding_mode == "zeros"
+                and x.dim() == 4):
+            return _ACTIVATIONS[self.activation](super().forward(x))
+        if torch.is_autocast_enabled("cpu"):  # what autocast does for a convolution
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
+            return _ACTIVATIONS[self.activation](super().forward(x))
+        with torch.autocast("cpu", enabled=False):
+            return _ConvActivation.apply(x, weight, bias, list(self.stride), list(self.padding),
+                                         list(self.dilation), self.groups, self.activation)
+
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
+def fuse_conv_activations(model: nn.Module) -> int:
+    """Replace each Conv2d directly followed by a Tanh, ReLU or Sigmoid in an
+    nn.Sequential by one Conv2dActivation (and the activation by an Identity), keeping
+    the same Parameter objects (an optimizer built before still updates them) and the
+    same state_dict keys. Does nothing without oneDNN. Returns how many it fused."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return 0
+    fused = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, act = seq[i], seq[i + 1]
+            if type(conv) is not nn.Conv2d or type(act) not in _FUSABLE:
+                continue
+            new = Conv2dActivation(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                   conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                                   conv.padding_mode, device="meta")
+            new.weight, new.bias = conv.weight, conv.bias
+            new.activation = _FUSABLE[type(act)]
+            seq[i], seq[i + 1] = new, nn.Identity()
+            fused += 1
+    return fused
