@@ -210,3 +210,48 @@ def test_conv_activation_fusion_keeps_parameters_outputs_and_gradients(activatio
     model2(x, y)[1].backward()
     opt.step()
     assert isinstance(model2.features[0], Conv2dActivation) and not torch.equal(model2.features[0].weight, before)
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity):
+    """The SimpleRNN's layer: oneDNN products and a hand-written backward, the same
+    sequence, final state and gradients (input, both weights, both biases) as nn.RNN;
+    with an initial state or under bf16 autocast it is torch's own."""
+    from fmnist_sweep.models import RNN
+
+    torch.manual_seed(0)
+    ref = torch.nn.RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
+    fast = RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(7, 28, 28, requires_grad=True)
+    (y_ref, h_ref), (y, h) = ref(x), fast(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    g, gh = torch.randn_like(y), torch.randn_like(h)
+    for a, b in zip(torch.autograd.grad((y_ref * g).sum() + (h_ref * gh).sum(), [x, *ref.parameters()]),
+                    torch.autograd.grad((y * g).sum() + (h * gh).sum(), [x, *fast.parameters()])):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # the first layer's input needs no gradient: weights still get theirs
+    y2, _ = fast(x.detach())
+    assert all(p is not None for p in torch.autograd.grad(y2.sum(), list(fast.parameters())))
+    h0 = torch.randn(1, 7, 32)
+    torch.testing.assert_close(fast(x, h0)[0], ref(x, h0)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x)[0].dtype == ref(x)[0].dtype
+
+
+def test_rnn_model_trains_with_the_fast_layer():
+    from fmnist_sweep.models import RNN
+
+    model = instantiate(compose(["model=rnn"]).model)
+    assert [type(m) for m in model.layers] == [RNN] * 3
+    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(20):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

@@ -5,7 +5,7 @@ trainer which metrics apply ("classify" or "reconstruct")."""
 from torch import nn
 from torch.nn import functional as F
 
-from .fast import Conv2dActivation, ConvTranspose2d, Dropout, fuse_conv_activations  # noqa: F401  (the models' layers)
+from .fast import RNN, Conv2dActivation, ConvTranspose2d, Dropout, fuse_conv_activations  # noqa: F401  (the models' layers)
 
 # Fashion-MNIST training-set pixel statistics (of images scaled to [0, 1]).
 MEAN, STD = 0.2860, 0.3530

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import Classifier, Dropout
+from . import Classifier, Dropout, fast
 
 
 class RNN(Classifier):
@@ -17,7 +17,7 @@ class RNN(Classifier):
         self.layers = nn.ModuleList()
         size = 28
         for h in hidden:
-            self.layers.append(nn.RNN(size, h, nonlinearity=activation, batch_first=True))
+            self.layers.append(fast.RNN(size, h, nonlinearity=activation, batch_first=True))
             size = h
         self.dropout = Dropout(dropout)
         self.norm = nn.BatchNorm1d(size)
