@@ -13,6 +13,7 @@ import sqlite3
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -249,6 +250,7 @@ class Study:
         self.host = socket.gethostname()
         self.device = train.device_label(cfg.trainer.device)
         self.poll_seconds = min(5, cfg.storage.get("heartbeat_interval") or 5)
+        self._beaten: set[int] = set()  # trials given a heartbeat by _fail_stale_trials
 
     # --- MLflow ---------------------------------------------------------------------------------
     def _parent_run(self) -> str:
@@ -384,7 +386,7 @@ class Study:
         lost = 0
         while True:
             # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
-            optuna.storages.fail_stale_trials(self.optuna)
+            self._fail_stale_trials()
             self._end_orphans()
             try:
                 self.optuna.optimize(self.objective, callbacks=[self._after_trial], catch=(TrialFailed, Surplus))
@@ -402,6 +404,27 @@ class Study:
                 time.sleep(2)
         self._end_orphans()
         self.tracker.end(self.parent_run_id, "FINISHED")
+
+    def _fail_stale_trials(self) -> None:
+        """Optuna's heartbeat check: trials of dead workers are failed (and re-queued).
+
+        Optuna looks only at trials with a heartbeat on record. A worker that loses the
+        storage between creating a trial and its first heartbeat (a cut connection)
+        reconnects and goes on with a new trial, leaving that one RUNNING with none, for
+        ever: the study's last workers then waited for it without end. So a RUNNING trial
+        older than the grace period gets one heartbeat from here, once; the check fails it
+        a grace period later unless its worker is alive and beating (one more beat does
+        that worker no harm)."""
+        optuna.storages.fail_stale_trials(self.optuna)
+        if not (isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.heartbeat_interval):
+            return
+        grace = self.storage.grace_period or 2 * self.storage.heartbeat_interval  # Optuna's default
+        now = datetime.now()
+        for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if (t._trial_id not in self._beaten and t.datetime_start is not None
+                    and (now - t.datetime_start).total_seconds() > grace):
+                self.storage.record_heartbeat(t._trial_id)
+                self._beaten.add(t._trial_id)
 
     def finished(self) -> int:
         """COMPLETE + PRUNED trials: what fills the budget."""
@@ -428,7 +451,7 @@ class Study:
                 print(f"waiting: the last {c['RUNNING']} trials are running in other workers", flush=True)
                 said = True
             time.sleep(self.poll_seconds)
-            optuna.storages.fail_stale_trials(study)
+            self._fail_stale_trials()
             c = self.counts()
 
     def _print_trial(self, frozen, c: dict[str, int]) -> None:
