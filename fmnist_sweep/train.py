@@ -257,7 +257,7 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         model = instantiate(cfg.model, **model_kwargs)
         model.to(device)
         if device.type == "cpu":
-            fuse_conv_activations(model)  # before the optimizer: it keeps the same parameters anyway
+            fuse_conv_activations(model)  # conv + tanh/ReLU as one oneDNN kernel, same parameters
         optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     except Exception as e:  # hydra wraps bad constructor arguments
         raise UserError(f"cannot build the model/optimizer: {str(e).splitlines()[0]}") from None
