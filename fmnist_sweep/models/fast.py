@@ -2,8 +2,16 @@
 torch's layer, computed with fewer passes over memory. Each falls back to torch's
 own layer wherever its fast path does not apply (other devices, other settings)."""
 
+import functools
+
 import torch
 from torch import nn
+
+
+@functools.cache
+def _has_onednn(op: str) -> bool:
+    """torch was built with oneDNN and exposes its fused CPU operator ``op``."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, op)
 
 
 class Dropout(nn.Dropout):
@@ -49,8 +57,10 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         return y.permute(0, 3, 1, 2)
 
 
-# Activations oneDNN can apply inside the convolution, with their gradient from the output.
+# Activations oneDNN can apply inside the convolution: the module, torch's function (the
+# fallback), and the gradient from the output.
 _FUSABLE = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
 _GRAD_FROM_OUTPUT = {"tanh": torch.ops.aten.tanh_backward, "sigmoid": torch.ops.aten.sigmoid_backward,
                      "relu": lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0)}
 
@@ -100,15 +110,12 @@ class Conv2dActivation(nn.Conv2d):
                                          list(self.dilation), self.groups, self.activation)
 
 
-_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
-
-
 def fuse_conv_activations(model: nn.Module) -> int:
     """Replace each Conv2d directly followed by a Tanh, ReLU or Sigmoid in an
     nn.Sequential by one Conv2dActivation (and the activation by an Identity), keeping
     the same Parameter objects (an optimizer built before still updates them) and the
     same state_dict keys. Does nothing without oneDNN. Returns how many it fused."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+    if not _has_onednn("_convolution_pointwise"):
         return 0
     fused = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
@@ -190,12 +197,8 @@ class RNN(nn.RNN):
     def forward(self, x, hx=None):
         if not (hx is None and x.device.type == "cpu" and x.dim() == 3 and x.shape[1] > 1 and self.batch_first
                 and self.num_layers == 1 and not self.bidirectional and self.bias and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and _has_onednn_linear()):
+                and not torch.is_autocast_enabled("cpu") and _has_onednn("_linear_pointwise")):
             return super().forward(x, hx)
         out = _Elman.apply(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
                            self.nonlinearity)
         return out, out[:, -1].unsqueeze(0)
-
-
-def _has_onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
