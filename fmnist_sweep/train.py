@@ -83,8 +83,9 @@ def keep_freed_memory(keep: bool = True) -> bool:
     tensors are often page-faulted in afresh: on a 2-core VM that doubled the cost of a
     ReLU on a batch of 16x28x28 maps. With ``keep`` the heap serves blocks up to 32 MB
     and is trimmed only past 512 MB free, so the next step reuses the same pages
-    (PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc). ``keep=False`` sets glibc's initial thresholds
-    (128 KB) back, fixed: its adaptive default cannot be restored once changed.
+    (PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc).
+    ``keep=False`` sets glibc's initial thresholds (128 KB) back, fixed: its adaptive
+    default cannot be restored once changed.
     Returns False where there is no glibc mallopt (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return False

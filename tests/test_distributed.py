@@ -163,14 +163,14 @@ def test_a_trial_left_without_heartbeat_does_not_hang_the_study(dist):
     leaves a RUNNING trial Optuna's heartbeat check never sees (seen when connections were
     cut: both workers then waited for it for ever). Made here exactly: a trial created
     through Optuna's storage API and never run. The study still ends, with its budget."""
-    args = [*dist.args, "study.n_trials=2", "storage.heartbeat_interval=1", "storage.grace_period=2"]
-    first = subprocess.run([*dist.cmd, *args[:-3], "study.n_trials=1"], cwd=dist.cwd, env=dist.env,
+    first = subprocess.run([*dist.cmd, *dist.args, "study.n_trials=1"], cwd=dist.cwd, env=dist.env,
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     storage = optuna.storages.RDBStorage(dist.url)
     study = optuna.load_study(study_name=dist.name, storage=storage)
     orphan = storage.get_trial(storage.create_new_trial(study._study_id))
     t0 = time.time()
+    args = [*dist.args, "study.n_trials=2", "storage.heartbeat_interval=1", "storage.grace_period=2"]
     proc = subprocess.run([*dist.cmd, *args], cwd=dist.cwd, env=dist.env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
