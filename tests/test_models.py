@@ -211,13 +211,16 @@ def test_conv_activation_fusion_keeps_parameters_outputs_and_gradients(activatio
     assert isinstance(model2.features[0], Conv2dActivation) and not torch.equal(model2.features[0].weight, before)
 
 
+@pytest.mark.parametrize("backend", ["blas", "onednn"])
 @pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
-def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity):
-    """The SimpleRNN's layer: oneDNN products and a hand-written backward, the same
-    sequence, final state and gradients (input, both weights, both biases) as nn.RNN;
-    with an initial state or under bf16 autocast it is torch's own."""
-    from fmnist_sweep.models import RNN
+def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, monkeypatch):
+    """The SimpleRNN's layer: its products through torch's BLAS (Intel CPUs) or oneDNN
+    (others) and a hand-written backward, the same sequence, final state and gradients
+    (input, both weights, both biases) as nn.RNN, leaving the incoming gradient as it
+    was; with an initial state or under bf16 autocast it is torch's own."""
+    from fmnist_sweep.models import RNN, fast as fast_layers
 
+    monkeypatch.setattr(fast_layers, "_gemm_backend", lambda: backend)
     torch.manual_seed(0)
     ref = torch.nn.RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
     fast = RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
@@ -230,6 +233,10 @@ def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity):
     for a, b in zip(torch.autograd.grad((y_ref * g).sum() + (h_ref * gh).sum(), [x, *ref.parameters()]),
                     torch.autograd.grad((y * g).sum() + (h * gh).sum(), [x, *fast.parameters()])):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn_like(y)
+    kept = grad_out.clone()
+    fast(x)[0].backward(grad_out)  # accumulated in place inside: must be a copy, not autograd's tensor
+    assert torch.equal(grad_out, kept)
     # the first layer's input needs no gradient: weights still get theirs
     y2, _ = fast(x.detach())
     assert all(p is not None for p in torch.autograd.grad(y2.sum(), list(fast.parameters())))

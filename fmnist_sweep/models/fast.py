@@ -133,72 +133,112 @@ def fuse_conv_activations(model: nn.Module) -> int:
     return fused
 
 
-def _onednn_linear():
+@functools.cache
+def _gemm_backend() -> str:
+    """Where the SimpleRNN's fp32 matrix products run fastest. MKL (torch's own addmm/mm)
+    on Intel CPUs; oneDNN elsewhere when torch has it, because MKL's sgemm takes its AVX2
+    path on other vendors' CPUs (measured on an AVX-512 AMD EPYC: 87 vs 145 GFLOP/s at the
+    SimpleRNN's 65x256x256; on an Intel Xeon, MKL 141 vs oneDNN 116)."""
+    vendor = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        pass
+    if vendor != "GenuineIntel" and torch.backends.mkl.is_available() and _has_onednn("_linear_pointwise"):
+        return "onednn"
+    return "blas"
+
+
+def _gemm_ops(backend: str):
+    """(linear, recurrence): linear(x, w, b) = x @ w.T + b; recurrence(w) gives step(acc, x)
+    = acc + x @ w.T — in place in acc for torch's BLAS (so acc must be ours to overwrite),
+    in a new tensor for oneDNN."""
+    if backend == "blas":
+        def linear(x, w, b=None):
+            return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+
+        def recurrence(w):
+            w_t = w.t()
+            return lambda acc, x: acc.addmm_(x, w_t)
+        return linear, recurrence
     ops = torch.ops.mkldnn
-    return ops._linear_pointwise, ops._linear_pointwise.binary
+
+    def linear(x, w, b=None):
+        return ops._linear_pointwise(x, w, b, "none", [], "")
+
+    def recurrence(w):
+        return lambda acc, x: ops._linear_pointwise.binary(x, acc, w, None, "add")
+    return linear, recurrence
 
 
 class _Elman(torch.autograd.Function):
     """One Elman layer over a whole sequence, time-major inside. Forward: the input
-    projection of every step as one GEMM, then per step one GEMM with the previous
-    state plus the projection, then the activation. Backward: per step one GEMM back
-    through the recurrence; the weight gradients of all steps as one GEMM each."""
+    projection of every step as one GEMM, written where the outputs go; then per step
+    the product with the previous state added to it, and the activation, in place.
+    Backward: per step one GEMM back through the recurrence, accumulated into a copy of
+    the incoming gradient; the weight gradients of all steps as one GEMM each."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, nonlinearity):
-        linear, linear_add = _onednn_linear()
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, nonlinearity, backend):
+        linear, recurrence = _gemm_ops(backend)
+        step = recurrence(w_hh)
         n, steps, _ = x.shape
         xs = x.transpose(0, 1).reshape(steps * n, -1)
-        proj = linear(xs, w_ih, b_ih + b_hh, "none", [], "").view(steps, n, -1)
-        out = torch.empty_like(proj)
+        out = linear(xs, w_ih, b_ih + b_hh).view(steps, n, -1)
         act = torch.tanh if nonlinearity == "tanh" else (lambda z, out: torch.clamp_min(z, 0, out=out))
-        act(proj[0], out=out[0])
+        outs = out.unbind(0)  # the steps' views, made once
+        act(outs[0], out=outs[0])
         for t in range(1, steps):
-            act(linear_add(out[t - 1], proj[t], w_hh, None, "add"), out=out[t])
+            act(step(outs[t], outs[t - 1]), out=outs[t])
         ctx.save_for_backward(xs, w_ih, w_hh, out)
-        ctx.nonlinearity = nonlinearity
+        ctx.nonlinearity, ctx.backend = nonlinearity, backend
         return out.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        linear, linear_add = _onednn_linear()
+        linear, recurrence = _gemm_ops(ctx.backend)
         xs, w_ih, w_hh, out = ctx.saved_tensors
         steps, n, hidden = out.shape
-        grad = grad.transpose(0, 1)
+        # the state's gradient at each step, accumulated in place: a copy, not autograd's tensor
+        g = grad.transpose(0, 1).clone(memory_format=torch.contiguous_format)
         dz = torch.empty_like(out)  # gradient at each step's pre-activation
-        w_hh_t = w_hh.t().contiguous()
-        g = grad[-1]
+        step = recurrence(w_hh.t().contiguous())
+        gs, dzs, outs = g.unbind(0), dz.unbind(0), out.unbind(0)
+        if ctx.nonlinearity == "tanh":
+            act_backward = torch.ops.aten.tanh_backward.grad_input
+        else:
+            def act_backward(g, y, grad_input):
+                return torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=grad_input)
+        g_t = gs[-1]
         for t in range(steps - 1, -1, -1):
-            if ctx.nonlinearity == "tanh":
-                torch.ops.aten.tanh_backward.grad_input(g, out[t], grad_input=dz[t])
-            else:
-                torch.ops.aten.threshold_backward.grad_input(g, out[t], 0, grad_input=dz[t])
-            if t:  # the state's gradient: from the output at t - 1 and back through w_hh
-                g = linear_add(dz[t], grad[t - 1], w_hh_t, None, "add")
+            act_backward(g_t, outs[t], grad_input=dzs[t])
+            if t:  # from the output at t - 1 and back through w_hh
+                g_t = step(gs[t - 1], dzs[t])
         z = dz.view(steps * n, hidden)
-        zt = z.t().contiguous()
-        d_w_hh = linear(zt[:, n:], out[:-1].reshape((steps - 1) * n, hidden).t(), None, "none", [], "")
-        d_w_ih = linear(zt, xs.t(), None, "none", [], "")
+        zt = z.t().contiguous() if ctx.backend == "onednn" else z.t()  # BLAS reads it transposed
+        d_w_hh = linear(zt[:, n:], out[:-1].reshape((steps - 1) * n, hidden).t())
+        d_w_ih = linear(zt, xs.t())
         d_b = z.sum(0)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = linear(z, w_ih.t(), None, "none", [], "").view(steps, n, -1).transpose(0, 1)
-        return dx, d_w_ih, d_w_hh, d_b, d_b, None
+            dx = linear(z, w_ih.t()).view(steps, n, -1).transpose(0, 1)
+        return dx, d_w_ih, d_w_hh, d_b, d_b, None, None
 
 
 class RNN(nn.RNN):
-    """nn.RNN whose one-layer, batch-first fp32 case on a CPU runs its matrix products
-    through oneDNN, in a hand-written backward pass (_Elman). torch's RNN goes through
-    MKL's sgemm, which on AMD CPUs takes its AVX2 path: half of oneDNN's AVX-512 speed
-    on the same machine (measured 87 vs 145 GFLOP/s at the SimpleRNN's 65x256x256). Same
+    """nn.RNN whose one-layer, batch-first fp32 case on a CPU runs as _Elman: the input
+    projection of all steps as one product, the recurrence accumulated in place, a
+    hand-written backward pass with the weight gradients of all steps as one product
+    each; products through MKL on Intel CPUs and oneDNN on others (_gemm_backend). Same
     function and gradients as nn.RNN; everything else (bf16 autocast, stacked or
     bidirectional layers, an initial state) is torch's own."""
 
     def forward(self, x, hx=None):
         if not (hx is None and x.device.type == "cpu" and x.dim() == 3 and x.shape[1] > 1 and self.batch_first
                 and self.num_layers == 1 and not self.bidirectional and self.bias and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and _has_onednn("_linear_pointwise")):
+                and not torch.is_autocast_enabled("cpu")):
             return super().forward(x, hx)
         out = _Elman.apply(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
-                           self.nonlinearity)
+                           self.nonlinearity, _gemm_backend())
         return out, out[:, -1].unsqueeze(0)
