@@ -223,6 +223,7 @@ class Study:
         self.cfg = cfg
         self.sweep = load_sweep(cfg.sweep)
         self.base = _base_overrides(overrides)
+        self._keys_cache: dict[tuple[str, ...], frozenset[str]] = {}
         self.name = cfg.study.name or self.sweep.name
         self.n_trials = cfg.study.n_trials or self.sweep.n_trials
         self.storage = make_storage(cfg.storage)
@@ -298,7 +299,12 @@ class Study:
 
     # --- one trial ------------------------------------------------------------------------------
     def _keys_for(self, overrides: list[str]) -> set[str]:
-        return set(flat_keys(compose(self.base + ["sweep=null"] + overrides)))
+        """The config keys present with these group choices: composed once per distinct
+        choice (a Hydra composition is ~60 ms, a tenth of a trial's orchestration)."""
+        key = tuple(overrides)
+        if key not in self._keys_cache:
+            self._keys_cache[key] = frozenset(flat_keys(compose(self.base + ["sweep=null"] + overrides)))
+        return self._keys_cache[key]
 
     def objective(self, trial: optuna.Trial):
         trial.set_user_attr("host", self.host)
