@@ -200,21 +200,21 @@ class _Elman(torch.autograd.Function):
         linear, recurrence = _gemm_ops(ctx.backend)
         xs, w_ih, w_hh, out = ctx.saved_tensors
         steps, n, hidden = out.shape
-        # the state's gradient at each step, accumulated in place: a copy, not autograd's tensor
-        g = grad.transpose(0, 1).clone(memory_format=torch.contiguous_format)
-        dz = torch.empty_like(out)  # gradient at each step's pre-activation
+        # Per step, in place in one buffer (a copy, not autograd's tensor): the state's
+        # gradient is accumulated, then turned into the pre-activation's gradient (dz).
+        dz = grad.transpose(0, 1).clone(memory_format=torch.contiguous_format)
         step = recurrence(w_hh.t().contiguous())
-        gs, dzs, outs = g.unbind(0), dz.unbind(0), out.unbind(0)
+        dzs, outs = dz.unbind(0), out.unbind(0)
         if ctx.nonlinearity == "tanh":
             act_backward = torch.ops.aten.tanh_backward.grad_input
         else:
             def act_backward(g, y, grad_input):
                 return torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=grad_input)
-        g_t = gs[-1]
+        g_t = dzs[-1]
         for t in range(steps - 1, -1, -1):
             act_backward(g_t, outs[t], grad_input=dzs[t])
             if t:  # from the output at t - 1 and back through w_hh
-                g_t = step(gs[t - 1], dzs[t])
+                g_t = step(dzs[t - 1], dzs[t])
         z = dz.view(steps * n, hidden)
         zt = z.t().contiguous() if ctx.backend == "onednn" else z.t()  # BLAS reads it transposed
         d_w_hh = linear(zt[:, n:], out[:-1].reshape((steps - 1) * n, hidden).t())
