@@ -298,7 +298,7 @@ class Study:
                 self.tracker.end(run.info.run_id, "KILLED")
 
     # --- one trial ------------------------------------------------------------------------------
-    def _keys_for(self, overrides: list[str]) -> set[str]:
+    def _keys_for(self, overrides: list[str]) -> frozenset[str]:
         """The config keys present with these group choices: composed once per distinct
         choice (a Hydra composition is ~60 ms, a tenth of a trial's orchestration)."""
         key = tuple(overrides)

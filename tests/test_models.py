@@ -246,6 +246,15 @@ def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, mon
         assert fast(x)[0].dtype == ref(x)[0].dtype
 
 
+@pytest.mark.parametrize("vendor, backend", [("GenuineIntel", "blas"), ("AuthenticAMD", "onednn")])
+def test_fast_rnn_picks_mkl_on_intel_and_onednn_elsewhere(tmp_path, vendor, backend):
+    from fmnist_sweep.models import fast
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n")
+    assert fast._gemm_backend(str(cpuinfo)) == backend
+
+
 def test_rnn_model_trains_with_the_fast_layer():
     from fmnist_sweep.models import RNN
 

@@ -3,6 +3,7 @@ torch's layer, computed with fewer passes over memory. Each falls back to torch'
 own layer wherever its fast path does not apply (other devices, other settings)."""
 
 import functools
+import platform
 
 import torch
 from torch import nn
@@ -134,18 +135,18 @@ def fuse_conv_activations(model: nn.Module) -> int:
 
 
 @functools.cache
-def _gemm_backend() -> str:
+def _gemm_backend(cpuinfo: str = "/proc/cpuinfo") -> str:
     """Where the SimpleRNN's fp32 matrix products run fastest. MKL (torch's own addmm/mm)
     on Intel CPUs; oneDNN elsewhere when torch has it, because MKL's sgemm takes its AVX2
     path on other vendors' CPUs (measured on an AVX-512 AMD EPYC: 87 vs 145 GFLOP/s at the
     SimpleRNN's 65x256x256; on an Intel Xeon, MKL 141 vs oneDNN 116)."""
-    vendor = ""
+    vendor = platform.processor()  # Windows names the vendor here; Linux does in /proc/cpuinfo
     try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+        with open(cpuinfo) as f:
+            vendor = next((line for line in f if line.startswith("vendor_id")), vendor)
     except OSError:
         pass
-    if vendor != "GenuineIntel" and torch.backends.mkl.is_available() and _has_onednn("_linear_pointwise"):
+    if "GenuineIntel" not in vendor and torch.backends.mkl.is_available() and _has_onednn("_linear_pointwise"):
         return "onednn"
     return "blas"
 
