@@ -152,23 +152,23 @@ def _gemm_backend(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def _gemm_ops(backend: str):
-    """(linear, recurrence): linear(x, w, b) = x @ w.T + b; recurrence(w) gives step(acc, x)
-    = acc + x @ w.T — in place in acc for torch's BLAS (so acc must be ours to overwrite),
+    """(linear, recurrence): linear(x, w, b) = x @ w.T + b; recurrence(m) gives step(acc, x)
+    = acc + x @ m — in place in acc for torch's BLAS (so acc must be ours to overwrite),
     in a new tensor for oneDNN."""
     if backend == "blas":
         def linear(x, w, b=None):
             return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
 
-        def recurrence(w):
-            w_t = w.t()
-            return lambda acc, x: acc.addmm_(x, w_t)
+        def recurrence(m):
+            return lambda acc, x: acc.addmm_(x, m)
         return linear, recurrence
     ops = torch.ops.mkldnn
 
     def linear(x, w, b=None):
         return ops._linear_pointwise(x, w, b, "none", [], "")
 
-    def recurrence(w):
+    def recurrence(m):
+        w = m.t().contiguous()  # oneDNN's weight layout: (out, in)
         return lambda acc, x: ops._linear_pointwise.binary(x, acc, w, None, "add")
     return linear, recurrence
 
@@ -183,7 +183,7 @@ class _Elman(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, nonlinearity, backend):
         linear, recurrence = _gemm_ops(backend)
-        step = recurrence(w_hh)
+        step = recurrence(w_hh.t())  # h_t = act(x_t w_ih^T + b + h_{t-1} w_hh^T)
         n, steps, _ = x.shape
         xs = x.transpose(0, 1).reshape(steps * n, -1)
         out = linear(xs, w_ih, b_ih + b_hh).view(steps, n, -1)
@@ -204,7 +204,7 @@ class _Elman(torch.autograd.Function):
         # Per step, in place in one buffer (a copy, not autograd's tensor): the state's
         # gradient is accumulated, then turned into the pre-activation's gradient (dz).
         dz = grad.transpose(0, 1).clone(memory_format=torch.contiguous_format)
-        step = recurrence(w_hh.t().contiguous())
+        step = recurrence(w_hh)  # the state's gradient: g_{t-1} += dz_t w_hh
         dzs, outs = dz.unbind(0), out.unbind(0)
         if ctx.nonlinearity == "tanh":
             act_backward = torch.ops.aten.tanh_backward.grad_input
