@@ -24,6 +24,7 @@ from . import data as fmnist
 from .config import compose, config_fingerprint, validate
 from .errors import UserError
 from .models import count_params, fuse_conv_activations
+from .models.fast import cpuinfo_field
 from .tracking import Tracker, git_commit, resolve_checkpoint
 
 
@@ -60,10 +61,7 @@ def device_label(setting: str) -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16 units, where bf16 autocast is real speed on a CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return False
+    flags = cpuinfo_field("flags").split()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 

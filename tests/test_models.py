@@ -251,8 +251,11 @@ def test_fast_rnn_picks_mkl_on_intel_and_onednn_elsewhere(tmp_path, vendor, back
     from fmnist_sweep.models import fast
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n")
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n"
+                       "flags\t\t: fpu avx512_bf16\nvmx flags\t: ept\n")
     assert fast._gemm_backend(str(cpuinfo)) == backend
+    assert fast.cpuinfo_field("flags", str(cpuinfo)) == "fpu avx512_bf16"  # what bf16 autocast is decided on
+    assert fast.cpuinfo_field("flags", str(tmp_path / "absent")) == ""
 
 
 def test_rnn_model_trains_with_the_fast_layer():

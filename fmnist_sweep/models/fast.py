@@ -134,18 +134,25 @@ def fuse_conv_activations(model: nn.Module) -> int:
     return fused
 
 
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first ``name`` line of /proc/cpuinfo ("vendor_id", "flags", ...), its value
+    only; "" where there is no such file or line (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.split(":")[0].strip() == name), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
 @functools.cache
 def _gemm_backend(cpuinfo: str = "/proc/cpuinfo") -> str:
     """Where the SimpleRNN's fp32 matrix products run fastest. MKL (torch's own addmm/mm)
     on Intel CPUs; oneDNN elsewhere when torch has it, because MKL's sgemm takes its AVX2
     path on other vendors' CPUs (measured on an AVX-512 AMD EPYC: 87 vs 145 GFLOP/s at the
     SimpleRNN's 65x256x256; on an Intel Xeon, MKL 141 vs oneDNN 116)."""
-    vendor = platform.processor()  # Windows names the vendor here; Linux does in /proc/cpuinfo
-    try:
-        with open(cpuinfo) as f:
-            vendor = next((line for line in f if line.startswith("vendor_id")), vendor)
-    except OSError:
-        pass
+    # Windows names the vendor in platform.processor(); Linux in /proc/cpuinfo
+    vendor = cpuinfo_field("vendor_id", cpuinfo) or platform.processor()
     if "GenuineIntel" not in vendor and torch.backends.mkl.is_available() and _has_onednn("_linear_pointwise"):
         return "onednn"
     return "blas"
