@@ -113,6 +113,9 @@ def test_dropout_drops_p_scales_the_rest_and_passes_the_same_gradient(p):
     assert abs(keep.prod(1).mean().item() - (1 - p) ** 4) < 0.005
     cl = torch.randn(8, 16, 14, 14).contiguous(memory_format=torch.channels_last)
     assert d(cl).is_contiguous(memory_format=torch.channels_last)
+    half = d(torch.ones(1000, 1000, dtype=torch.bfloat16))  # bf16 (autocast's) mask: same values
+    assert half.dtype == torch.bfloat16 and abs((half == 0).float().mean().item() - p) < 0.0025
+    assert torch.equal(half.unique(), torch.tensor([0, 1 / (1 - p)], dtype=torch.bfloat16))
     d.eval()
     assert torch.equal(d(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x) and not Dropout(1.0).train()(x).any()
@@ -125,6 +128,29 @@ def test_models_use_the_fast_dropout():
         model = instantiate(compose([f"model={name}"]).model)
         kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
         assert kinds == {Dropout}, name
+
+
+def test_flatten_hands_back_a_channels_last_gradient():
+    """Same output and gradient values as torch's flatten; the gradient in the channels_last
+    layout of the input (torch's comes back in NCHW order and made the cnn's last max-pool
+    copy its input to that order in every backward pass); other inputs take torch's path."""
+    from fmnist_sweep.models import Flatten
+
+    x = torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = Flatten()(x)
+    assert torch.equal(y, torch.flatten(x.detach(), 1))
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert gx.is_contiguous(memory_format=torch.channels_last) and torch.equal(gx, g.view(4, 8, 3, 3))
+    plain = torch.randn(4, 8, 3, 3, requires_grad=True)
+    (gp,) = torch.autograd.grad(Flatten()(plain), plain, g)
+    assert gp.is_contiguous() and torch.equal(gp, g.view(4, 8, 3, 3))
+    # in the cnn trained channels_last, the gradient reaching its last block is channels_last too
+    model = instantiate(compose(["model=cnn"]).model).to(memory_format=torch.channels_last)
+    seen = []
+    model.features[-1].register_full_backward_hook(lambda m, gin, gout: seen.append(gout[0]))
+    model(torch.rand(4, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.arange(4))[1].backward()
+    assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("cin,cout,k,bias,channels_last", [(32, 16, 2, True, True), (16, 1, 2, True, False),
