@@ -39,13 +39,13 @@ class Dropout(nn.Dropout):
 
 class _FlattenKeepingLayout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, start_dim, end_dim):
+    def forward(ctx, x):
         ctx.shape = x.shape
-        return torch.flatten(x, start_dim, end_dim)
+        return torch.flatten(x, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last), None, None
+        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last)
 
 
 class Flatten(nn.Flatten):
@@ -55,11 +55,11 @@ class Flatten(nn.Flatten):
     pass. Same output (NCHW order) and gradient values."""
 
     def forward(self, x):
-        if not (x.dim() == 4 and self.start_dim == 1 and self.end_dim == -1 and x.requires_grad
-                and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1
-                and x.is_contiguous(memory_format=torch.channels_last)):
+        # (a tensor that is contiguous both ways, one channel or one pixel, needs nothing)
+        if not (x.requires_grad and x.dim() == 4 and self.start_dim == 1 and self.end_dim == -1
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return super().forward(x)
-        return _FlattenKeepingLayout.apply(x, self.start_dim, self.end_dim)
+        return _FlattenKeepingLayout.apply(x)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
