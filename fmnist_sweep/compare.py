@@ -23,6 +23,7 @@ import shlex
 import shutil
 import statistics
 import tempfile
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +208,15 @@ def factor_rows(study: dict) -> list[dict] | None:
     rows = []
     for key, values in levels.items():
         p = None
-        if key != best_key and len(values) > 1 and len(levels[best_key]) > 1:
-            p = float(stats.ttest_ind(levels[best_key], values, equal_var=False).pvalue)
+        # Welch's test needs spread: where neither level varies over its seeds (tiny or
+        # fully deterministic runs) it is undefined, and scipy returned p = 0 or 1 from
+        # rounding noise; such rows show no p-value. Where one level alone is constant the
+        # test is sound, and scipy's warning about that level's zero variance is noise.
+        if (key != best_key and len(values) > 1 and len(levels[best_key]) > 1
+                and (len(set(values)) > 1 or len(set(levels[best_key])) > 1)):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+                p = float(stats.ttest_ind(levels[best_key], values, equal_var=False).pvalue)
         rows.append({"level": ", ".join(f"{k}={v}" for k, v in key) or "(defaults)", "key": key,
                      "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                      "n": len(values), "p": p, "best": key == best_key, "failed": failures.pop(key, 0)})

@@ -2,6 +2,7 @@
 
 import re
 import statistics
+import warnings
 
 import optuna
 import pytest
@@ -187,3 +188,16 @@ def test_levels_where_every_seed_failed_are_reported_not_dropped():
         stats.ttest_ind([0.010, 0.012], [0.03, 0.02], equal_var=False).pvalue)
     assert [r["level"] for r in factor_rows(study)] == ["optimizer.lr=0.0001", "optimizer.lr=0.001",
                                                          "optimizer.lr=0.03"]
+    # levels that do not vary over their seeds: no p-value (Welch's test is undefined), no warning
+    study["trials"] = [entry(0.001, 0, 0.01), entry(0.001, 1, 0.01), entry(0.0001, 0, 0.02), entry(0.0001, 1, 0.02)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = {r["level"]: r for r in factor_rows(study)}
+    assert rows["optimizer.lr=0.001"]["best"] and rows["optimizer.lr=0.0001"]["p"] is None
+    study["trials"][3] = entry(0.0001, 1, 0.03)  # one level varies: tested, still no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's, on the constant level
+        expected = stats.ttest_ind([0.01, 0.01], [0.02, 0.03], equal_var=False).pvalue
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {r["level"]: r for r in factor_rows(study)}["optimizer.lr=0.0001"]["p"] == pytest.approx(expected)
