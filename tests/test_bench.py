@@ -28,6 +28,24 @@ def test_train_throughput_quick():
     assert "profile of cnn" in out and "convolution + matmul" in out
 
 
+def test_throughput_baseline_is_built_from_torch_layers_only():
+    """The tutorial baseline holds none of our CPU fast paths (a fast layer added to
+    models.fast is stripped without being listed); the engine's build holds them."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from fmnist_sweep.models import fast
+
+    for name in tt.BATCH:
+        baseline, _ = tt.build(name, engine=False)
+        assert not [m for m in baseline.modules() if type(m).__module__ == fast.__name__], name
+    engine, _ = tt.build("cnn", engine=True)
+    kinds = {type(m) for m in engine.modules()}
+    assert {fast.Dropout, fast.Flatten} <= kinds
+
+
 def test_trial_breakdown_quick(workdir, tiny_data):
     out = bench("trial_breakdown.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
