@@ -82,6 +82,8 @@ def _plots(study: Study):
     objectives = study.sweep.objectives
     complete = [t for t in study.optuna.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     n_params = len({k for t in complete for k in t.params})
+    # A contour over a parameter that never changed is an empty panel (and an Optuna warning).
+    varying = sorted({k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1})
     kw = {}
     if len(objectives) > 1:
         kw = {"target": lambda t: t.values[0], "target_name": objectives[0][0]}
@@ -96,8 +98,8 @@ def _plots(study: Study):
         plots += [("param_importances", vis.plot_param_importances, mvis.plot_param_importances, imp),
                   ("parallel_coordinate", vis.plot_parallel_coordinate, mvis.plot_parallel_coordinate, kw),
                   ("slice", vis.plot_slice, mvis.plot_slice, kw)]
-    if n_params >= 2 and len(complete) >= 2:
-        plots.append(("contour", vis.plot_contour, mvis.plot_contour, kw))
+    if len(varying) >= 2:
+        plots.append(("contour", vis.plot_contour, mvis.plot_contour, {"params": varying, **kw}))
     return plots
 
 

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,25 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return wd
 
 
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema in place. Creating one runs MLflow's
+    ~50 schema migrations (~1.4 s); tests that run studies start from a copy of this one.
+    The CLI's own creation of a fresh store is still exercised: by the tests on a bare
+    ``workdir`` (tests/test_real_data.py) and the benchmarks' --quick runs, each in its own
+    $FMNIST_SWEEP_DIR (tests/test_bench.py)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tiny_overrides(tiny_data, workdir) -> list[str]:
-    """Overrides that shrink the real config to seconds on the tiny files."""
+def tiny_overrides(tiny_data, workdir, migrated_mlflow_db) -> list[str]:
+    """Overrides that shrink the real config to seconds on the tiny files (and the work
+    directory's MLflow store, empty, copied from an already migrated one)."""
+    shutil.copyfile(migrated_mlflow_db, workdir / "mlruns.db")
     return [f"data.root={tiny_data}", "data.verify=false", "data.download=false",
             "data.val_fraction=0.2", "trainer.epochs=1", "trainer.batch_size=32",
             "trainer.threads=1"]

@@ -79,6 +79,32 @@ def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, wo
     assert parent.info.status == "FINISHED"
 
 
+def test_study_report_draws_contours_only_of_parameters_that_varied(tiny_overrides, workdir, tmp_path, capfd):
+    """A parameter the finished trials all share is left out of the contour plot: no empty
+    panels, and none of Optuna's "unique value length is less than 2" lines in the output."""
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        n_trials: 3
+        sampler: {name: random, seed: 0}
+        params:
+          optimizer.lr: tag(log, interval(1e-3, 1e-2))
+          trainer.batch_size: choice(16, 32)
+          model.activation: choice(tanh, relu)
+        enqueue:
+          - {optimizer.lr: 0.001, trainer.batch_size: 16, model.activation: tanh}
+          - {optimizer.lr: 0.002, trainer.batch_size: 32, model.activation: tanh}
+          - {optimizer.lr: 0.004, trainer.batch_size: 32, model.activation: tanh}
+    """)
+    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    out, err = capfd.readouterr()
+    assert "3/3 done" in out
+    assert "unique value length" not in out + err
+    client, runs = mlflow_runs(workdir, "mine")
+    (parent,) = [r for r in runs if r.data.tags.get("fmnist.role") == "study"]
+    files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert "contour.png" in files and "plot_notes.txt" not in files
+
+
 def test_trial_override_line_reruns_the_trial_as_a_single_run(tiny_overrides, workdir):
     sweep = sweep_file(workdir, """
         objective: val/accuracy
