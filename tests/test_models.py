@@ -272,12 +272,13 @@ def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, mon
         assert fast(x)[0].dtype == ref(x)[0].dtype
 
 
-@pytest.mark.parametrize("vendor, backend", [("GenuineIntel", "blas"), ("AuthenticAMD", "onednn")])
-def test_fast_rnn_picks_mkl_on_intel_and_onednn_elsewhere(tmp_path, vendor, backend):
+@pytest.mark.parametrize("vendor, family, backend", [("GenuineIntel", 6, "blas"), ("AuthenticAMD", 25, "blas"),
+                                                     ("AuthenticAMD", 26, "onednn")])
+def test_fast_rnn_picks_onednn_on_amd_zen5_and_mkl_elsewhere(tmp_path, vendor, family, backend):
     from fmnist_sweep.models import fast
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
                        "flags\t\t: fpu avx512_bf16\nvmx flags\t: ept\n")
     assert fast._gemm_backend(str(cpuinfo)) == backend
     assert fast.cpuinfo_field("flags", str(cpuinfo)) == "fpu avx512_bf16"  # what bf16 autocast is decided on

@@ -173,13 +173,19 @@ def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
 
 @functools.cache
 def _gemm_backend(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """Where the SimpleRNN's fp32 matrix products run fastest. MKL (torch's own addmm/mm)
-    on Intel CPUs; oneDNN elsewhere when torch has it, because MKL's sgemm takes its AVX2
-    path on other vendors' CPUs (measured on an AVX-512 AMD EPYC: 87 vs 145 GFLOP/s at the
-    SimpleRNN's 65x256x256; on an Intel Xeon, MKL 141 vs oneDNN 116)."""
+    """Where the SimpleRNN's fp32 matrix products run fastest: oneDNN on AMD CPUs from Zen 5
+    (family 26) on, MKL (torch's own addmm/mm) everywhere else. MKL takes its AVX2 path on
+    AMD CPUs, which halves its speed only where AVX-512 runs at full width — Zen 5: 87 vs
+    oneDNN's 145 GFLOP/s at the SimpleRNN's 65x256x256. On Zen 4 (family 25) AVX-512 runs
+    on 256-bit units, so MKL's AVX2 code is as fast and its smaller per-call cost wins at the
+    step products of 128 and 64 units (25 vs 61 us, 11 vs 36 us); on Intel, MKL 141 vs
+    oneDNN 116 GFLOP/s. Decided by the CPU, not timed, so that a configuration gives the
+    same numbers on every run on one machine."""
     # Windows names the vendor in platform.processor(); Linux in /proc/cpuinfo
     vendor = cpuinfo_field("vendor_id", cpuinfo) or platform.processor()
-    if "GenuineIntel" not in vendor and torch.backends.mkl.is_available() and _has_onednn("_linear_pointwise"):
+    family = cpuinfo_field("cpu family", cpuinfo)
+    if ("AuthenticAMD" in vendor and family.isdigit() and int(family) >= 26 and torch.backends.mkl.is_available()
+            and _has_onednn("_linear_pointwise")):
         return "onednn"
     return "blas"
 
@@ -264,7 +270,7 @@ class RNN(nn.RNN):
     """nn.RNN whose one-layer, batch-first fp32 case on a CPU runs as _Elman: the input
     projection of all steps as one product, the recurrence accumulated in place, a
     hand-written backward pass with the weight gradients of all steps as one product
-    each; products through MKL on Intel CPUs and oneDNN on others (_gemm_backend). Same
+    each; products through MKL, or oneDNN on AMD Zen 5 and newer (_gemm_backend). Same
     function and gradients as nn.RNN; everything else (bf16 autocast, stacked or
     bidirectional layers, an initial state) is torch's own."""
 
