@@ -199,7 +199,7 @@ def main():
         from fmnist_sweep.artifacts import _pyplot
 
         plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9.5, 4.2))
         series = [(arm, cs, "-") for arm, cs in curves.items()]
         series += [(f"replay: {name}", cs, "--") for name, cs in replayed.items()]
         for i, (label, cs, style) in enumerate(series):
@@ -218,7 +218,7 @@ def main():
         ax.set_ylabel("best val/accuracy so far")
         ax.set_title("search efficiency (dashed: pruners replayed on the no-pruning TPE trials)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
         fig.tight_layout()
         plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=100)
