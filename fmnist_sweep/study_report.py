@@ -76,8 +76,21 @@ def best_trials(study: Study) -> list:
         return []
 
 
+def _most_important(study: Study, params: list[str], target, n: int = 2) -> list[str]:
+    """The ``n`` of ``params`` that fANOVA ranks first (the importance plot's own ranking);
+    the first ``n`` as given where it cannot rank them."""
+    try:
+        ranked = optuna.importance.get_param_importances(
+            study.optuna, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params,
+            target=target)
+        return sorted(list(ranked)[:n])
+    except (ValueError, RuntimeError):
+        return params[:n]
+
+
 def _plots(study: Study):
-    """(name, plotly figure function, matplotlib function, kwargs) for what the study supports."""
+    """(name, plotly figure function, matplotlib function, kwargs, PNG-only kwargs) for what
+    the study supports."""
     vis, mvis = optuna.visualization, optuna.visualization.matplotlib
     objectives = study.sweep.objectives
     complete = [t for t in study.optuna.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -87,19 +100,22 @@ def _plots(study: Study):
     kw = {}
     if len(objectives) > 1:
         kw = {"target": lambda t: t.values[0], "target_name": objectives[0][0]}
-    plots = [("optimization_history", vis.plot_optimization_history, mvis.plot_optimization_history, kw)]
+    plots = [("optimization_history", vis.plot_optimization_history, mvis.plot_optimization_history, kw, {})]
     if len(objectives) == 1:
-        plots.append(("intermediate_values", vis.plot_intermediate_values, mvis.plot_intermediate_values, {}))
+        plots.append(("intermediate_values", vis.plot_intermediate_values, mvis.plot_intermediate_values, {}, {}))
     if len(objectives) > 1:
         names = [m for m, _ in objectives]
-        plots.append(("pareto_front", vis.plot_pareto_front, mvis.plot_pareto_front, {"target_names": names}))
+        plots.append(("pareto_front", vis.plot_pareto_front, mvis.plot_pareto_front, {"target_names": names}, {}))
     if n_params >= 1 and len(complete) >= 2:
         imp = {"evaluator": optuna.importance.FanovaImportanceEvaluator(seed=0), **kw}
-        plots += [("param_importances", vis.plot_param_importances, mvis.plot_param_importances, imp),
-                  ("parallel_coordinate", vis.plot_parallel_coordinate, mvis.plot_parallel_coordinate, kw),
-                  ("slice", vis.plot_slice, mvis.plot_slice, kw)]
+        plots += [("param_importances", vis.plot_param_importances, mvis.plot_param_importances, imp, {}),
+                  ("parallel_coordinate", vis.plot_parallel_coordinate, mvis.plot_parallel_coordinate, kw, {}),
+                  ("slice", vis.plot_slice, mvis.plot_slice, kw, {})]
     if len(varying) >= 2:
-        plots.append(("contour", vis.plot_contour, mvis.plot_contour, {"params": varying, **kw}))
+        # Every pair in the interactive page; in the PNG one readable panel, the two parameters
+        # that matter most (matplotlib interpolates each panel: a 4-parameter grid took 1.5 s).
+        png = {} if len(varying) == 2 else {"params": _most_important(study, varying, kw.get("target"))}
+        plots.append(("contour", vis.plot_contour, mvis.plot_contour, {"params": varying, **kw}, png))
     return plots
 
 
@@ -115,12 +131,12 @@ def write(study: Study, out: Path) -> list[str]:
     df = study.optuna.trials_dataframe()
     df.to_csv(out / "trials.csv", index=False)
     figures = []
-    for name, plotly_fn, mpl_fn, kw in _plots(study):
+    for name, plotly_fn, mpl_fn, kw, png_kw in _plots(study):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 figures.append((name, plotly_fn(study.optuna, **kw)))
-                ax = mpl_fn(study.optuna, **kw)
+                ax = mpl_fn(study.optuna, **{**kw, **png_kw})
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
             with warnings.catch_warnings():

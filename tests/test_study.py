@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 import time
 
 import optuna
@@ -79,30 +80,54 @@ def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, wo
     assert parent.info.status == "FINISHED"
 
 
-def test_study_report_draws_contours_only_of_parameters_that_varied(tiny_overrides, workdir, tmp_path, capfd):
-    """A parameter the finished trials all share is left out of the contour plot: no empty
-    panels, and none of Optuna's "unique value length is less than 2" lines in the output."""
+def test_study_report_contour_png_shows_the_two_most_important_of_the_parameters_that_varied(
+        tiny_overrides, workdir, tmp_path, capfd, monkeypatch):
+    """A parameter the finished trials all share is left out of the contour plots (no empty
+    panels, none of Optuna's "unique value length is less than 2" lines); the PNG is one
+    panel over the two parameters fANOVA ranks first (a grid of every pair, drawn at PNG
+    size, was unreadable); the interactive page keeps every pair."""
+    import matplotlib.figure
+
+    drawn, savefig = {}, matplotlib.figure.Figure.savefig
+
+    def spy(fig, fname, *args, **kwargs):  # the labelled axes of each PNG the report saves
+        drawn[os.path.basename(fname)] = sorted((ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes
+                                                if ax.get_xlabel())
+        return savefig(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     sweep = sweep_file(tmp_path, """
         objective: val/accuracy
-        n_trials: 3
+        n_trials: 4
         sampler: {name: random, seed: 0}
         params:
+          optimizer: choice(adam, sgd)
           optimizer.lr: tag(log, interval(1e-3, 1e-2))
           trainer.batch_size: choice(16, 32)
           model.activation: choice(tanh, relu)
         enqueue:
-          - {optimizer.lr: 0.001, trainer.batch_size: 16, model.activation: tanh}
-          - {optimizer.lr: 0.002, trainer.batch_size: 32, model.activation: tanh}
-          - {optimizer.lr: 0.004, trainer.batch_size: 32, model.activation: tanh}
+          - {optimizer: adam, optimizer.lr: 0.001, trainer.batch_size: 16, model.activation: tanh}
+          - {optimizer: sgd, optimizer.lr: 0.002, trainer.batch_size: 32, model.activation: tanh}
+          - {optimizer: adam, optimizer.lr: 0.004, trainer.batch_size: 32, model.activation: tanh}
+          - {optimizer: sgd, optimizer.lr: 0.008, trainer.batch_size: 16, model.activation: tanh}
     """)
     assert main([f"sweep={sweep}", *tiny_overrides]) == 0
     out, err = capfd.readouterr()
-    assert "3/3 done" in out
+    assert "4/4 done" in out
     assert "unique value length" not in out + err
+    study = optuna.load_study(study_name="mine", storage=storage(workdir))
+    ranked = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+        params=["optimizer", "optimizer.lr", "trainer.batch_size"])
+    assert drawn["contour.png"] == [tuple(sorted(list(ranked)[:2]))]
     client, runs = mlflow_runs(workdir, "mine")
     (parent,) = [r for r in runs if r.data.tags.get("fmnist.role") == "study"]
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert "contour.png" in files and "plot_notes.txt" not in files
+    html = Path(client.download_artifacts(parent.info.run_id, "study_plots.html", str(tmp_path))).read_text()
+    contour = html[html.index("<h2>contour</h2>"):]
+    assert all(p in contour for p in ("optimizer.lr", "trainer.batch_size", '"optimizer"'))
+    assert "model.activation" not in contour
 
 
 def test_trial_override_line_reruns_the_trial_as_a_single_run(tiny_overrides, workdir):
