@@ -219,6 +219,10 @@ def _base_overrides(overrides: list[str]) -> list[str]:
 class Study:
     """An Optuna study bound to its sweep, its storage and its MLflow parent run."""
 
+    # A worker waiting on the study's last trials looks again every second (one count query
+    # on cached trials): it ends within a second of the last one, not up to 5 s late.
+    poll_seconds = 1.0
+
     def __init__(self, cfg: DictConfig, overrides: list[str], fork: bool = False, check_space: bool = True):
         self.cfg = cfg
         self.sweep = load_sweep(cfg.sweep)
@@ -250,9 +254,6 @@ class Study:
         self.target = self.n_trials
         self.host = socket.gethostname()
         self.device = train.device_label(cfg.trainer.device)
-        # A worker waiting on the study's last trials looks again every second (one count
-        # query on cached trials): it ends within a second of the last one, not up to 5 s late.
-        self.poll_seconds = 1.0
         self._beaten: set[int] = set()  # trials given a heartbeat by _fail_stale_trials
 
     # --- MLflow ---------------------------------------------------------------------------------

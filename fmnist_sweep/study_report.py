@@ -94,9 +94,10 @@ def _plots(study: Study):
     vis, mvis = optuna.visualization, optuna.visualization.matplotlib
     objectives = study.sweep.objectives
     complete = [t for t in study.optuna.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    n_params = len({k for t in complete for k in t.params})
+    params = {k for t in complete for k in t.params}
+    n_params = len(params)
     # A contour over a parameter that never changed is an empty panel (and an Optuna warning).
-    varying = sorted({k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1})
+    varying = sorted(k for k in params if len({repr(t.params.get(k)) for t in complete}) > 1)
     kw = {}
     if len(objectives) > 1:
         kw = {"target": lambda t: t.values[0], "target_name": objectives[0][0]}
