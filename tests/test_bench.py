@@ -10,6 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def bench_module(name):
+    """A bench script imported as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def bench(name, *args, cwd=None):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), "--quick", *args], capture_output=True,
                           text=True, timeout=600, cwd=cwd)
@@ -31,11 +41,7 @@ def test_train_throughput_quick():
 def test_throughput_baseline_is_built_from_torch_layers_only():
     """The tutorial baseline holds none of our CPU fast paths (a fast layer added to
     models.fast is stripped without being listed); the engine's build holds them."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import train_throughput as tt
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    tt = bench_module("train_throughput")
     from fmnist_sweep.models import fast
 
     for name in tt.BATCH:
@@ -82,15 +88,11 @@ def test_sweep_efficiency_replay_prunes_what_the_pruner_would():
     """The replay reports recorded curves to a real pruner: a no-op pruner gives back the
     recorded run; the median pruner stops the trial that is below every other at its second
     epoch, charging the epochs it ran."""
-    import importlib.util
-
     import optuna
 
     from fmnist_sweep.study import Sweep
 
-    spec = importlib.util.spec_from_file_location("sweep_efficiency", ROOT / "bench" / "sweep_efficiency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("sweep_efficiency")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     curves = [[0.5, 0.6, 0.7], [0.5, 0.65, 0.75], [0.5, 0.62, 0.72], [0.4, 0.45, 0.5], [0.55, 0.7, 0.8]]
     trials = [optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, value=c[-1],

@@ -285,6 +285,17 @@ def test_fast_rnn_picks_onednn_on_amd_zen5_and_mkl_elsewhere(tmp_path, vendor, f
     assert fast.cpuinfo_field("flags", str(tmp_path / "absent")) == ""
 
 
+@pytest.mark.parametrize("processor, backend", [("AMD64 Family 26 Model 2 Stepping 0, AuthenticAMD", "onednn"),
+                                                ("AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD", "blas"),
+                                                ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "blas")])
+def test_fast_rnn_backend_where_there_is_no_cpuinfo(tmp_path, monkeypatch, processor, backend):
+    """Windows has no /proc/cpuinfo: vendor and family come from platform.processor()."""
+    from fmnist_sweep.models import fast
+
+    monkeypatch.setattr(fast.platform, "processor", lambda: processor)
+    assert fast._gemm_backend(str(tmp_path / "absent")) == backend
+
+
 def test_rnn_model_trains_with_the_fast_layer():
     from fmnist_sweep.models import RNN
 

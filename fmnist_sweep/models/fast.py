@@ -4,6 +4,7 @@ own layer wherever its fast path does not apply (other devices, other settings).
 
 import functools
 import platform
+import re
 
 import torch
 from torch import nn
@@ -181,9 +182,10 @@ def _gemm_backend(cpuinfo: str = "/proc/cpuinfo") -> str:
     step products of 128 and 64 units (25 vs 61 us, 11 vs 36 us); on Intel, MKL 141 vs
     oneDNN 116 GFLOP/s. Decided by the CPU, not timed, so that a configuration gives the
     same numbers on every run on one machine."""
-    # Windows names the vendor in platform.processor(); Linux in /proc/cpuinfo
+    # Linux names vendor and family in /proc/cpuinfo; Windows in platform.processor(),
+    # e.g. "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD"
     vendor = cpuinfo_field("vendor_id", cpuinfo) or platform.processor()
-    family = cpuinfo_field("cpu family", cpuinfo)
+    family = cpuinfo_field("cpu family", cpuinfo) or "".join(re.findall(r"Family (\d+)", platform.processor())[:1])
     if ("AuthenticAMD" in vendor and family.isdigit() and int(family) >= 26 and torch.backends.mkl.is_available()
             and _has_onednn("_linear_pointwise")):
         return "onednn"
