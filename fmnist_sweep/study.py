@@ -3,6 +3,7 @@ with one parent run; every trial is a nested child run trained by train.run."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import math
@@ -24,7 +25,7 @@ from optuna.trial import TrialState
 
 from . import train
 from .config import compose, config_fingerprint, flat_keys, resource_dir
-from .errors import UserError
+from .errors import StorageLost, UserError
 from .space import SearchSpace
 from .tracking import Tracker
 
@@ -50,6 +51,38 @@ class TrialFailed(Exception):
 
 class Surplus(Exception):
     """A trial asked for after the budget was taken by finished and running trials."""
+
+
+# What a cut connection to the study storage raises (Optuna wraps some errors as
+# StorageInternalError); StorageLost carries one out of a trial's training.
+CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
+
+
+class WorkerStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage as a worker that can lose its connection needs it.
+
+    - It knows the trial this process holds: the last one it created. After a cut the
+      worker fails that trial at once and re-queues it (Study._release_held), instead
+      of leaving it RUNNING for other workers to wait on: with no heartbeat recorded yet
+      (a cut inside ``study.ask``), Optuna's check never sees it, and ours takes two grace
+      periods (2 minutes with PostgreSQL's defaults).
+    - A heartbeat that fails on a cut connection does not end Optuna's heartbeat thread
+      (its thread has no ``except``): the next beat, an interval later, goes through the
+      reconnected pool. Without this a trial that outlived the grace period after a cut
+      was failed under its running worker and trained twice."""
+
+    held: int | None = None
+
+    def _create_new_trial(self, study_id, template_trial=None):
+        frozen = super()._create_new_trial(study_id, template_trial)
+        self.held = frozen._trial_id
+        return frozen
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except CONNECTION_ERRORS:
+            pass
 
 
 @dataclass
@@ -159,7 +192,7 @@ def make_storage(cfg_storage: DictConfig):
         error: Exception = RuntimeError("the schema could not be created")
         for attempt in range(5):
             try:
-                storage = optuna.storages.RDBStorage(
+                storage = WorkerStorage(
                     url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else
                     {"connect_args": {"timeout": 60}},
                     heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period,
@@ -337,8 +370,11 @@ class Study:
         def report(epoch, metrics):
             if not single or metric not in metrics:
                 return False
-            trial.report(metrics[metric], epoch)
-            return trial.should_prune()
+            try:
+                trial.report(metrics[metric], epoch)
+                return trial.should_prune()
+            except CONNECTION_ERRORS as e:  # not the trial's failure: the worker reconnects, re-queues it
+                raise StorageLost("the study storage connection was lost") from e
 
         result = train.run(cfg, line, report=report, parent_run_id=self.parent_run_id, tags=tags,
                            tracker=self.tracker, name=f"trial {trial.number}")
@@ -403,24 +439,57 @@ class Study:
             except KeyboardInterrupt:
                 self.tracker.end(self.parent_run_id, "KILLED")
                 raise
-            except (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError) as e:
-                # A cut connection (Optuna wraps some as StorageInternalError): the pool reconnects (pre-ping).
+            except (*CONNECTION_ERRORS, StorageLost) as e:
+                # A cut connection: the pool reconnects (pre-ping); the trial it interrupted is re-queued.
                 lost += 1
+                cause = e.__cause__ if isinstance(e, StorageLost) and e.__cause__ else e
+                first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
                 if lost > 5:
-                    raise UserError(f"lost the study storage {self._where()} {lost} times: "
-                                    f"{str(e).splitlines()[0]}") from None
-                print(f"storage connection lost ({str(e).splitlines()[0][:80]}); reconnecting", flush=True)
+                    raise UserError(f"lost the study storage {self._where()} {lost} times: {first}") from None
+                print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
                 time.sleep(2)
+                self._release_held()
         self._end_orphans()
         self.tracker.end(self.parent_run_id, "FINISHED")
+
+    def _release_held(self) -> None:
+        """After a cut connection: the trial this worker was running when it was cut is
+        failed now and re-queued with its parameters (Optuna's retry callback, within
+        storage.max_retry), as Optuna's heartbeat check would do a grace period later.
+        A trial that failed on its own (TrialFailed sets "failure") is left as it is."""
+        storage = self.storage
+        trial_id, storage.held = getattr(storage, "held", None), None
+        if trial_id is None:
+            return
+        for attempt in range(3):  # the reconnect itself may meet the cut server still restarting
+            try:
+                trial = storage.get_trial(trial_id)
+                if trial.state == TrialState.RUNNING:
+                    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                elif trial.state != TrialState.FAIL or "failure" in trial.user_attrs:
+                    return
+                run_id = trial.user_attrs.get("mlflow_run_id")
+                if run_id:  # its result, if any, never reached the study: the run says so
+                    self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure":
+                                                       "the study storage connection was lost; trial re-queued"})
+                break
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # another worker's heartbeat check failed it first, and re-queued it
+            except CONNECTION_ERRORS:
+                time.sleep(2)
+        else:
+            return  # still cut: the heartbeat check will see it
+        retry = storage.get_heartbeat_stale_trial_callback()
+        if retry is not None:
+            retry(self.optuna, copy.deepcopy(storage.get_trial(trial_id)))
 
     def _fail_stale_trials(self) -> None:
         """Optuna's heartbeat check: trials of dead workers are failed (and re-queued).
 
-        Optuna looks only at trials with a heartbeat on record. A worker that loses the
-        storage between creating a trial and its first heartbeat (a cut connection)
-        reconnects and goes on with a new trial, leaving that one RUNNING with none, for
-        ever: the study's last workers then waited for it without end. So a RUNNING trial
+        Optuna looks only at trials with a heartbeat on record. A worker killed, or cut
+        off for good, between creating a trial and its first heartbeat leaves that trial
+        RUNNING with none, for ever (a worker that reconnects releases it itself:
+        _release_held): the study's last workers would wait for it without end. So a RUNNING trial
         older than the grace period gets one heartbeat from here, once; the check fails it
         a grace period later unless its worker is alive and beating (one more beat does
         that worker no harm)."""

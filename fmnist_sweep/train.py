@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import data as fmnist
 from .config import compose, config_fingerprint, validate
-from .errors import UserError
+from .errors import StorageLost, UserError
 from .models import count_params, fuse_conv_activations
 from .models.fast import cpuinfo_field
 from .tracking import Tracker, git_commit, resolve_checkpoint
@@ -372,6 +372,10 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         result.status = "FAILED"
         result.message = f"{e}: the run diverged. Try a smaller optimizer.lr (now {cfg.optimizer.lr})."
         return result
+    except StorageLost as e:  # the study's, not the run's: its worker re-queues the trial
+        tracker.log(run_id, {}, tags={"fmnist.failure": f"{e}; the trial is re-queued"})
+        tracker.end(run_id, "KILLED")
+        raise
     except KeyboardInterrupt:
         tracker.end(run_id, "KILLED")
         raise

@@ -7,12 +7,14 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from fmnist_sweep import train as fmnist_train
 from fmnist_sweep.config import resource_dir
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -177,3 +179,91 @@ def test_a_trial_left_without_heartbeat_does_not_hang_the_study(dist):
     assert time.time() - t0 < 100
     ts, _ = check_exact(dist, 2)
     assert next(t for t in ts if t.number == orphan.number).state == TrialState.FAIL
+
+
+def _cut_once(monkeypatch, owner, name, then=None):
+    """``owner.name`` raises what a cut PostgreSQL connection raises, on its first call only."""
+    import sqlalchemy.exc
+
+    real, calls = getattr(owner, name), []
+
+    def cut(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        if then is not None:
+            then()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, cut)
+    return calls
+
+
+@pytest.fixture
+def pg_study(tiny_overrides, workdir, pg_database, tmp_path, monkeypatch):
+    """One in-process worker on PostgreSQL (PostgreSQL's default heartbeat and grace period)."""
+    from fmnist_sweep.cli import main
+
+    sweep = tmp_path / "cut.yaml"
+    sweep.write_text("objective: val/accuracy\nn_trials: 3\nsampler: {name: random, seed: 0}\n"
+                     "params:\n  optimizer.lr: tag(log, interval(1e-4, 1e-2))\n")
+    monkeypatch.setenv("FMNIST_STORAGE_URL", pg_database)
+
+    def run(*extra):
+        t0 = time.time()
+        code = main([f"sweep={sweep}", "storage=postgres", "study.name=cut", *tiny_overrides, *extra])
+        trials = optuna.load_study(study_name="cut", storage=pg_database).trials
+        return code, trials, time.time() - t0
+
+    return run
+
+
+@pytest.mark.parametrize("where", ["ask", "report"])
+def test_a_trial_cut_from_its_database_is_failed_and_requeued_at_once(where, pg_study, monkeypatch, capsys):
+    """A cut inside ``study.ask`` (the trial created, no heartbeat yet) or inside training
+    (the epoch's report): the worker reconnects, fails the trial it held at once and
+    re-queues it with its parameters. Before, the first stayed RUNNING until two grace
+    periods passed (2 minutes with PostgreSQL's defaults) and the second was a FAIL
+    counted against max_failures, its parameters never tried again."""
+    if where == "ask":
+        _cut_once(monkeypatch, optuna.samplers.RandomSampler, "before_trial")
+    else:
+        _cut_once(monkeypatch, optuna.trial.Trial, "report")
+    code, trials, seconds = pg_study()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "storage connection lost ((builtins.Exception) server closed the connection unexpectedly)" in out
+    assert seconds < 60, "the study waited for a grace period"
+    counted = [t for t in trials if t.state in COUNTED]
+    cut = trials[0]
+    assert len(counted) == 3 and cut.state == TrialState.FAIL and "failure" not in cut.user_attrs
+    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == cut.number]
+    assert len(retried) == 1 and retried[0].state in COUNTED
+    if where == "report":  # same parameters; its MLflow run says why it stopped, and is not a finished trial's
+        assert retried[0].params == cut.params and cut.params
+        from tests.conftest import mlflow_runs
+
+        _, runs = mlflow_runs(Path.cwd(), "cut")
+        run = next(r for r in runs if r.data.tags.get("optuna.trial_number") == str(cut.number))
+        assert run.info.status == "KILLED" and "optuna.state" not in run.data.tags
+        assert "storage connection was lost" in run.data.tags["fmnist.failure"]
+
+
+def test_a_heartbeat_cut_from_the_database_keeps_beating(pg_study, monkeypatch, capsys):
+    """Optuna's heartbeat thread ended at its first failed beat: a trial that outlived the
+    grace period after a cut was failed under its running worker by the others' checks.
+    Here the trial's first beat is cut; it starts training only once a later beat got
+    through (or after 15 s without one: the test then fails)."""
+    resumed = threading.Event()
+    calls = _cut_once(monkeypatch, optuna.storages.RDBStorage, "record_heartbeat", then=resumed.set)
+    real_run = fmnist_train.run
+
+    def run_after_a_beat(*args, **kwargs):
+        resumed.wait(15)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(fmnist_train, "run", run_after_a_beat)
+    code, trials, _ = pg_study("storage.heartbeat_interval=1", "study.n_trials=1")
+    assert code == 0, capsys.readouterr().out
+    assert resumed.is_set() and len(calls) >= 2
+    assert [t.state for t in trials] == [TrialState.COMPLETE]
