@@ -168,6 +168,33 @@ def startup_seconds(overrides: list[str], repeats: int = 3) -> float:
     return statistics.median(times[1:] or times)
 
 
+PLAIN_EXIT = "import sys; from fmnist_sweep.cli import main; raise SystemExit(main(sys.argv[1:]))"
+
+
+def exit_seconds(cmd: list[str]) -> float:
+    """Last output line -> process gone (output unbuffered, so a line arrives when printed)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    last, out = time.time(), []
+    for line in proc.stdout:
+        last = time.time()
+        out.append(line)
+    if proc.wait() != 0:
+        sys.exit(f"exit probe failed:\n{''.join(out)[-2000:]}")
+    return time.time() - last
+
+
+def exit_figures(overrides: list[str], repeats: int) -> tuple[float, float]:
+    """Exit of one short run: the command as users run it, against the same main() called
+    plainly (the interpreter's full teardown); alternated, medians."""
+    run = ["trainer.epochs=1", *overrides]  # a single run (the default config)
+    ours, plain = [], []
+    for _ in range(repeats):
+        ours.append(exit_seconds([sys.executable, "-m", "fmnist_sweep", *run]))
+        plain.append(exit_seconds([sys.executable, "-c", PLAIN_EXIT, *run]))
+    return statistics.median(ours), statistics.median(plain)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=10)
@@ -203,6 +230,9 @@ def main():
     print(f"start-up, `python -m fmnist_sweep` -> first training step "
           f"({'one process, decoding included' if args.quick else 'decoded data cached'}, "
           f"{'full Fashion-MNIST' if real is not data else 'tiny data'}): {start:.2f} s (target <= 10 s)")
+    ours, plain = exit_figures(data, 1 if args.quick else 3)
+    print(f"exit, last output line -> process gone (a 1-epoch run, tiny data): {ours:.2f} s; "
+          f"baseline, the same main() with the interpreter's full teardown: {plain:.2f} s")
     base = noop_ms(max(args.trials, 20))
     print(f"{args.trials} trials per line (median), {args.epochs} epochs of metrics each, standard artifacts; "
           f"baseline: no-op Optuna objective in memory, {base:.2f} ms/trial")

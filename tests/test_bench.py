@@ -1,5 +1,6 @@
 """The benchmarks' --quick modes, so they do not rot (no timing is asserted)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_workers_quick(workdir, tiny_data):
 def test_orchestration_quick(workdir):
     out = bench("orchestration.py")
     assert "start-up" in out and "no-op Optuna objective" in out
+    assert re.search(r"exit, last output line -> process gone .*: [0-9.]+ s; baseline, .*: [0-9.]+ s", out)
     assert any(line.startswith("sqlite + local") and line.rstrip().endswith("%") for line in out.splitlines())
 
 
