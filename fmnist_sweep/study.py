@@ -61,7 +61,8 @@ CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInterna
 class WorkerStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage as a worker that can lose its connection needs it.
 
-    - It knows the trial this process holds: the last one it created. After a cut the
+    - It knows the trial this process holds: the last one it created, or took from the
+      waiting queue (an enqueued or re-queued trial). After a cut the
       worker fails that trial at once and re-queues it (Study._release_held), instead
       of leaving it RUNNING for other workers to wait on: with no heartbeat recorded yet
       (a cut inside ``study.ask``), Optuna's check never sees it, and ours takes two grace
@@ -77,6 +78,12 @@ class WorkerStorage(optuna.storages.RDBStorage):
         frozen = super()._create_new_trial(study_id, template_trial)
         self.held = frozen._trial_id
         return frozen
+
+    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        taken = super().set_trial_state_values(trial_id, state=state, values=values)
+        if taken and state == TrialState.RUNNING:  # a waiting trial this process took
+            self.held = trial_id
+        return taken
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:

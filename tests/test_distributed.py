@@ -218,14 +218,19 @@ def pg_study(tiny_overrides, workdir, pg_database, tmp_path, monkeypatch):
     return run
 
 
-@pytest.mark.parametrize("where", ["ask", "report"])
-def test_a_trial_cut_from_its_database_is_failed_and_requeued_at_once(where, pg_study, monkeypatch, capsys):
-    """A cut inside ``study.ask`` (the trial created, no heartbeat yet) or inside training
-    (the epoch's report): the worker reconnects, fails the trial it held at once and
-    re-queues it with its parameters. Before, the first stayed RUNNING until two grace
-    periods passed (2 minutes with PostgreSQL's defaults) and the second was a FAIL
-    counted against max_failures, its parameters never tried again."""
-    if where == "ask":
+@pytest.mark.parametrize("where", ["ask", "ask-waiting", "report"])
+def test_a_trial_cut_from_its_database_is_failed_and_requeued_at_once(where, pg_study, pg_database, monkeypatch,
+                                                                        capsys):
+    """A cut inside ``study.ask`` (the trial created, or taken from the waiting queue, and
+    no heartbeat yet) or inside training (the epoch's report): the worker reconnects,
+    fails the trial it held at once and re-queues it with its parameters. Before, the
+    first stayed RUNNING until two grace periods passed (2 minutes with PostgreSQL's
+    defaults) and the second was a FAIL counted against max_failures, its parameters
+    never tried again."""
+    if where == "ask-waiting":  # the study's first trial is an enqueued one
+        optuna.create_study(study_name="cut", storage=pg_database, direction="maximize").enqueue_trial(
+            {"optimizer.lr": 1e-3})
+    if where.startswith("ask"):
         _cut_once(monkeypatch, optuna.samplers.RandomSampler, "before_trial")
     else:
         _cut_once(monkeypatch, optuna.trial.Trial, "report")
