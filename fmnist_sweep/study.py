@@ -53,6 +53,9 @@ class Surplus(Exception):
     """A trial asked for after the budget was taken by finished and running trials."""
 
 
+TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it ran here (no heartbeat "
+              "reached the storage for storage.grace_period seconds)")
+
 # What a cut connection to the study storage raises (Optuna wraps some errors as
 # StorageInternalError); StorageLost carries one out of a trial's training.
 CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
@@ -295,6 +298,7 @@ class Study:
         self.host = socket.gethostname()
         self.device = train.device_label(cfg.trainer.device)
         self._beaten: set[int] = set()  # trials given a heartbeat by _fail_stale_trials
+        self._taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
 
     # --- MLflow ---------------------------------------------------------------------------------
     def _parent_run(self) -> str:
@@ -382,10 +386,18 @@ class Study:
                 return trial.should_prune()
             except CONNECTION_ERRORS as e:  # not the trial's failure: the worker reconnects, re-queues it
                 raise StorageLost("the study storage connection was lost") from e
+            except optuna.exceptions.UpdateFinishedTrialError as e:
+                self._taken_over = trial.number
+                raise StorageLost(TAKEN_OVER) from e
 
         result = train.run(cfg, line, report=report, parent_run_id=self.parent_run_id, tags=tags,
                            tracker=self.tracker, name=f"trial {trial.number}")
-        trial.set_user_attr("mlflow_run_id", result.run_id)
+        try:
+            trial.set_user_attr("mlflow_run_id", result.run_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # trained here, but retried elsewhere
+            self._taken_over = trial.number
+            self.tracker.log(result.run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure": TAKEN_OVER})
+            raise StorageLost(TAKEN_OVER) from None
         state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED"}.get(result.status, "FAIL")
         self.tracker.log(result.run_id, {}, tags={"optuna.state": state})
         if state == "PRUNED":
@@ -456,6 +468,13 @@ class Study:
                 print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
                 time.sleep(2)
                 self._release_held()
+                self._taken_over = None
+            except Exception:
+                if self._taken_over is None:
+                    raise
+                # Optuna cannot tell a trial that is already finished (ValueError): this worker goes on.
+                print(f"trial {self._taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
+                self._taken_over = None
         self._end_orphans()
         self.tracker.end(self.parent_run_id, "FINISHED")
 
@@ -468,27 +487,28 @@ class Study:
         trial_id, storage.held = getattr(storage, "held", None), None
         if trial_id is None:
             return
+        retry = storage.get_heartbeat_stale_trial_callback()
         for attempt in range(3):  # the reconnect itself may meet the cut server still restarting
             try:
                 trial = storage.get_trial(trial_id)
                 if trial.state == TrialState.RUNNING:
                     storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                elif trial.state != TrialState.FAIL or "failure" in trial.user_attrs:
-                    return
+                elif (trial.state != TrialState.FAIL or "failure" in trial.user_attrs
+                      or any(optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == trial.number
+                             for t in self.optuna.get_trials(deepcopy=False))):
+                    return  # finished, failed on its own, or already re-queued by another worker's check
                 run_id = trial.user_attrs.get("mlflow_run_id")
                 if run_id:  # its result, if any, never reached the study: the run says so
                     self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure":
                                                        "the study storage connection was lost; trial re-queued"})
-                break
+                if retry is not None:
+                    retry(self.optuna, copy.deepcopy(storage.get_trial(trial_id)))
+                return
             except optuna.exceptions.UpdateFinishedTrialError:
                 return  # another worker's heartbeat check failed it first, and re-queued it
             except CONNECTION_ERRORS:
                 time.sleep(2)
-        else:
-            return  # still cut: the heartbeat check will see it
-        retry = storage.get_heartbeat_stale_trial_callback()
-        if retry is not None:
-            retry(self.optuna, copy.deepcopy(storage.get_trial(trial_id)))
+        # still cut after three tries: the next loop's storage error counts it; the heartbeat check sees the trial
 
     def _fail_stale_trials(self) -> None:
         """Optuna's heartbeat check: trials of dead workers are failed (and re-queued).

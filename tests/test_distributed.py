@@ -272,3 +272,27 @@ def test_a_heartbeat_cut_from_the_database_keeps_beating(pg_study, monkeypatch, 
     assert code == 0, capsys.readouterr().out
     assert resumed.is_set() and len(calls) >= 2
     assert [t.state for t in trials] == [TrialState.COMPLETE]
+
+
+def test_a_trial_another_worker_took_over_does_not_stop_this_worker(pg_study, pg_database, monkeypatch, capsys):
+    """A worker whose heartbeats did not reach the storage for the grace period (a long cut,
+    a stalled machine) has its running trial failed and re-queued by another worker's check.
+    When it next reaches the storage, it abandons that trial and goes on; before, Optuna's
+    tell raised "Cannot tell a FAIL trial" out of the study and the worker died."""
+    storage = optuna.storages.RDBStorage(pg_database)
+    real_report = optuna.trial.Trial.report
+
+    def taken_over_first(trial, value, step):
+        if trial.number == 0 and not storage.get_trial(trial._trial_id).state.is_finished():
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # another worker's check
+            RetryHeartbeatStaleTrialCallback(max_retry=2)(trial.study, storage.get_trial(trial._trial_id))
+        return real_report(trial, value, step)
+
+    monkeypatch.setattr(optuna.trial.Trial, "report", taken_over_first)
+    code, trials, _ = pg_study()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "trial 0: failed and re-queued by another worker's heartbeat check while it ran here" in out
+    assert len([t for t in trials if t.state in COUNTED]) == 3 and trials[0].state == TrialState.FAIL
+    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert len(retried) == 1 and retried[0].params == trials[0].params  # re-queued once, not twice
