@@ -53,6 +53,7 @@ class Surplus(Exception):
     """A trial asked for after the budget was taken by finished and running trials."""
 
 
+CUT = "the study storage connection was lost; the trial is re-queued"
 TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it ran here (no heartbeat "
               "reached the storage for storage.grace_period seconds)")
 
@@ -385,7 +386,7 @@ class Study:
                 trial.report(metrics[metric], epoch)
                 return trial.should_prune()
             except CONNECTION_ERRORS as e:  # not the trial's failure: the worker reconnects, re-queues it
-                raise StorageLost("the study storage connection was lost") from e
+                raise StorageLost(CUT) from e
             except optuna.exceptions.UpdateFinishedTrialError as e:
                 self._taken_over = trial.number
                 raise StorageLost(TAKEN_OVER) from e
@@ -499,8 +500,7 @@ class Study:
                     return  # finished, failed on its own, or already re-queued by another worker's check
                 run_id = trial.user_attrs.get("mlflow_run_id")
                 if run_id:  # its result, if any, never reached the study: the run says so
-                    self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure":
-                                                       "the study storage connection was lost; trial re-queued"})
+                    self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
                 if retry is not None:
                     retry(self.optuna, copy.deepcopy(storage.get_trial(trial_id)))
                 return

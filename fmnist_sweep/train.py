@@ -373,7 +373,7 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         result.message = f"{e}: the run diverged. Try a smaller optimizer.lr (now {cfg.optimizer.lr})."
         return result
     except StorageLost as e:  # the study's, not the run's: its worker re-queues the trial
-        tracker.log(run_id, {}, tags={"fmnist.failure": f"{e}; the trial is re-queued"})
+        tracker.log(run_id, {}, tags={"fmnist.failure": str(e)})
         tracker.end(run_id, "KILLED")
         raise
     except KeyboardInterrupt:

@@ -58,3 +58,17 @@ def test_cfg_prints_the_composed_config(workdir, capsys):
 def test_help(capsys):
     assert main(["--help"]) == 0
     assert "python -m fmnist_sweep model=bilstm" in capsys.readouterr().out
+
+
+def test_the_command_exits_with_main_s_code(workdir, tmp_path):
+    """`python -m fmnist_sweep` runs cli.entry(): main()'s exit code and its one line reach
+    the shell unchanged (entry() only freezes the collector's objects before the exit)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fmnist_sweep", "trainer.epochs=0", f"data.root={tmp_path}/none",
+                           "data.download=false"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "trainer.epochs must be an integer >= 1" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stdout == "" and not (workdir / "mlruns.db").exists()
