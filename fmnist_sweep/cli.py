@@ -105,7 +105,7 @@ def entry() -> None:
     """The command (`python -m fmnist_sweep`, `fmnist-sweep`): main(), then the exit. Before
     it, every object alive is moved out of the garbage collector's sight (gc.freeze): the
     interpreter's teardown otherwise runs full collections over the ~650,000 objects torch,
-    MLflow and plotly leave, 2.4 s of every command's and every worker's exit measured here
+    MLflow and plotly leave, 2-2.7 s of every command's and every worker's exit measured here
     (bench/orchestration.py prints it). Exit handlers and flushes still run; only cycles
     left at exit are not collected, and the process is ending."""
     code = main()

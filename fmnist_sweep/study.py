@@ -300,6 +300,7 @@ class Study:
         self.device = train.device_label(cfg.trainer.device)
         self._beaten: set[int] = set()  # trials given a heartbeat by _fail_stale_trials
         self._taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
+        self._cut: int | None = None  # a trial whose training stopped on a cut connection
 
     # --- MLflow ---------------------------------------------------------------------------------
     def _parent_run(self) -> str:
@@ -386,6 +387,7 @@ class Study:
                 trial.report(metrics[metric], epoch)
                 return trial.should_prune()
             except CONNECTION_ERRORS as e:  # not the trial's failure: the worker reconnects, re-queues it
+                self._cut = trial.number
                 raise StorageLost(CUT) from e
             except optuna.exceptions.UpdateFinishedTrialError as e:
                 self._taken_over = trial.number
@@ -448,27 +450,30 @@ class Study:
               f"(storage {self._where()}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
         self._t0, self._started, self._failures = time.perf_counter(), done, 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - self._started)
-        lost = 0
+        self._lost = 0  # connection losses since the last finished trial
         while True:
-            # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
-            self._fail_stale_trials()
-            self._end_orphans()
             try:
+                self._release_held()  # the trial a cut connection interrupted, if any
+                # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
+                self._fail_stale_trials()
+                self._end_orphans()
                 self.optuna.optimize(self.objective, callbacks=[self._after_trial], catch=(TrialFailed, Surplus))
                 break
             except KeyboardInterrupt:
                 self.tracker.end(self.parent_run_id, "KILLED")
                 raise
             except (*CONNECTION_ERRORS, StorageLost) as e:
-                # A cut connection: the pool reconnects (pre-ping); the trial it interrupted is re-queued.
-                lost += 1
+                # A cut connection, or a server restarting: the pool reconnects (pre-ping) and the trial
+                # it interrupted is re-queued; the pauses grow (2, 4, ... 10 s: 30 s in all) until a
+                # trial finishes again.
+                self._lost += 1
                 cause = e.__cause__ if isinstance(e, StorageLost) and e.__cause__ else e
                 first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-                if lost > 5:
-                    raise UserError(f"lost the study storage {self._where()} {lost} times: {first}") from None
+                if self._lost > 5:
+                    raise UserError(f"lost the study storage {self._where()} {self._lost} times in a row: "
+                                    f"{first}") from None
                 print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
-                time.sleep(2)
-                self._release_held()
+                time.sleep(min(2 * self._lost, 10))
                 self._taken_over = None
             except Exception:
                 if self._taken_over is None:
@@ -483,32 +488,32 @@ class Study:
         """After a cut connection: the trial this worker was running when it was cut is
         failed now and re-queued with its parameters (Optuna's retry callback, within
         storage.max_retry), as Optuna's heartbeat check would do a grace period later.
-        A trial that failed on its own (TrialFailed sets "failure") is left as it is."""
+        Left as it is: a finished trial (a FAIL too, unless training stopped on the cut:
+        a failure of its own, a surplus trial), one another worker's check already
+        re-queued. A connection error
+        propagates (the storage is still down): the trial stays held for the next round."""
         storage = self.storage
-        trial_id, storage.held = getattr(storage, "held", None), None
+        trial_id = getattr(storage, "held", None)
         if trial_id is None:
             return
-        retry = storage.get_heartbeat_stale_trial_callback()
-        for attempt in range(3):  # the reconnect itself may meet the cut server still restarting
+        trial = storage.get_trial(trial_id)
+        requeue = trial.state == TrialState.RUNNING or (
+            trial.state == TrialState.FAIL and trial.number == self._cut
+            and not any(optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == trial.number
+                        for t in self.optuna.get_trials(deepcopy=False)))
+        if requeue:
             try:
-                trial = storage.get_trial(trial_id)
                 if trial.state == TrialState.RUNNING:
                     storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                elif (trial.state != TrialState.FAIL or "failure" in trial.user_attrs
-                      or any(optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == trial.number
-                             for t in self.optuna.get_trials(deepcopy=False))):
-                    return  # finished, failed on its own, or already re-queued by another worker's check
                 run_id = trial.user_attrs.get("mlflow_run_id")
                 if run_id:  # its result, if any, never reached the study: the run says so
                     self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
+                retry = storage.get_heartbeat_stale_trial_callback()
                 if retry is not None:
                     retry(self.optuna, copy.deepcopy(storage.get_trial(trial_id)))
-                return
             except optuna.exceptions.UpdateFinishedTrialError:
-                return  # another worker's heartbeat check failed it first, and re-queued it
-            except CONNECTION_ERRORS:
-                time.sleep(2)
-        # still cut after three tries: the next loop's storage error counts it; the heartbeat check sees the trial
+                pass  # another worker's heartbeat check failed it first, and re-queued it
+        storage.held = self._cut = None
 
     def _fail_stale_trials(self) -> None:
         """Optuna's heartbeat check: trials of dead workers are failed (and re-queued).
@@ -536,6 +541,7 @@ class Study:
         return _finished(self.counts())
 
     def _after_trial(self, study, frozen) -> None:
+        self._lost = 0
         c = self.counts()
         if not frozen.user_attrs.get("fmnist.surplus", False):
             self._print_trial(frozen, c)

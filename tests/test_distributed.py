@@ -296,3 +296,25 @@ def test_a_trial_another_worker_took_over_does_not_stop_this_worker(pg_study, pg
     assert len([t for t in trials if t.state in COUNTED]) == 3 and trials[0].state == TrialState.FAIL
     retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert len(retried) == 1 and retried[0].params == trials[0].params  # re-queued once, not twice
+
+
+def test_a_worker_waits_for_a_restarting_database(pg_study, monkeypatch, capsys):
+    """The storage refuses twice in a row, before any trial (a server restarting): the worker
+    waits (2 s, then 4 s) and goes on. Before, the heartbeat check at the top of its loop
+    ran outside the reconnect handling, and the first refusal ended the worker."""
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage._get_stale_trial_ids, []
+
+    def restarting(storage, study_id):
+        calls.append(study_id)
+        if len(calls) <= 2:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("the database system is starting up"))
+        return real(storage, study_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", restarting)
+    code, trials, _ = pg_study()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("storage connection lost ((builtins.Exception) the database system is starting up)") == 2
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
