@@ -490,8 +490,8 @@ class Study:
         storage.max_retry), as Optuna's heartbeat check would do a grace period later.
         Left as it is: a finished trial (a FAIL too, unless training stopped on the cut:
         a failure of its own, a surplus trial), one another worker's check already
-        re-queued. A connection error
-        propagates (the storage is still down): the trial stays held for the next round."""
+        re-queued. A connection error propagates (the storage is still down): the trial
+        stays held for the loop's next round."""
         storage = self.storage
         trial_id = getattr(storage, "held", None)
         if trial_id is None:
