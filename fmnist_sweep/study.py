@@ -62,6 +62,20 @@ TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it
 CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
 
 
+def _connection_error(e: BaseException | None):
+    """The storage connection error behind ``e``, if any: ``e`` itself, what it was raised
+    from, or what was being handled when it was raised — Optuna's optimize can turn one
+    into another error (when its tell and then its read of the trial both meet the cut,
+    it raises UnboundLocalError from its own finally block)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, CONNECTION_ERRORS):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class WorkerStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage as a worker that can lose its connection needs it.
 
@@ -462,24 +476,25 @@ class Study:
             except KeyboardInterrupt:
                 self.tracker.end(self.parent_run_id, "KILLED")
                 raise
-            except (*CONNECTION_ERRORS, StorageLost) as e:
+            except Exception as e:
+                cut = _connection_error(e)
+                if cut is None and self._taken_over is None:
+                    raise
+                if cut is None:
+                    # Optuna cannot tell a trial that is already finished (ValueError): this worker goes on.
+                    print(f"trial {self._taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
+                    self._taken_over = None
+                    continue
                 # A cut connection, or a server restarting: the pool reconnects (pre-ping) and the trial
                 # it interrupted is re-queued; the pauses grow (2, 4, ... 10 s: 30 s in all) until a
                 # trial finishes again.
                 self._lost += 1
-                cause = e.__cause__ if isinstance(e, StorageLost) and e.__cause__ else e
-                first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                first = str(cut).splitlines()[0] if str(cut) else type(cut).__name__
                 if self._lost > 5:
                     raise UserError(f"lost the study storage {self._where()} {self._lost} times in a row: "
                                     f"{first}") from None
                 print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
                 time.sleep(min(2 * self._lost, 10))
-                self._taken_over = None
-            except Exception:
-                if self._taken_over is None:
-                    raise
-                # Optuna cannot tell a trial that is already finished (ValueError): this worker goes on.
-                print(f"trial {self._taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
                 self._taken_over = None
         self._end_orphans()
         self.tracker.end(self.parent_run_id, "FINISHED")

@@ -318,3 +318,143 @@ def test_a_worker_waits_for_a_restarting_database(pg_study, monkeypatch, capsys)
     assert code == 0, out
     assert out.count("storage connection lost ((builtins.Exception) the database system is starting up)") == 2
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+
+
+class _Proxy:
+    """A TCP relay to PostgreSQL that can go down and come back (a database restart, as a
+    worker sees it): down() drops every relayed connection and turns new ones away."""
+
+    def __init__(self, host: str, port: int):
+        import socket
+
+        self.target, self.up, self.pairs, self.done = (host, port), threading.Event(), [], threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.up.set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while not self.done.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            if not self.up.is_set():
+                client.close()  # what a restarting server does to a new connection
+                continue
+            server = socket.create_connection(self.target)
+            self.pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+    def down(self):
+        self.up.clear()
+        for pair in self.pairs:
+            for s in pair:
+                s.close()
+        self.pairs.clear()
+
+    def close(self):
+        self.done.set()
+        self.down()
+        self.listener.close()
+
+
+def test_a_worker_rides_out_a_database_restart(pg_study, pg_database, monkeypatch, capsys):
+    """The database goes away for 5 s in the middle of a study — every connection dropped,
+    new ones turned away — and comes back: the worker reconnects and finishes the budget
+    exactly, without a second copy of any trial's result."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_database)
+    proxy = _Proxy(url.host or "127.0.0.1", url.port or 5432)
+    monkeypatch.setenv("FMNIST_STORAGE_URL", url.set(port=proxy.port).render_as_string(hide_password=False))
+    outage = {}
+
+    def restart():
+        deadline = time.time() + 120
+        while time.time() < deadline and "start" not in outage:
+            try:
+                if sum(t.state == TrialState.COMPLETE for t in optuna.load_study(
+                        study_name="cut", storage=pg_database).trials) >= 2:
+                    outage["start"] = time.time()
+                    proxy.down()
+                    time.sleep(5)
+            except KeyError:  # the study is not made yet
+                pass
+            finally:
+                proxy.up.set()
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=restart, daemon=True)
+    watcher.start()
+    try:
+        code, trials, _ = pg_study("study.n_trials=6", "storage.heartbeat_interval=1")
+    finally:
+        watcher.join(130)
+        proxy.close()
+    out = capsys.readouterr().out
+    assert "start" in outage, "the study ended before the outage"
+    assert code == 0, out
+    assert "storage connection lost" in out
+    counted = [t for t in trials if t.state in COUNTED]
+    assert len(counted) == 6
+    from tests.conftest import mlflow_runs
+
+    _, runs = mlflow_runs(Path.cwd(), "cut")
+    finished = [int(r.data.tags["optuna.trial_number"]) for r in runs
+                if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED")]
+    assert sorted(finished) == sorted(t.number for t in counted)  # one finished run per counted trial
+
+
+def test_a_cut_during_optunas_tell_is_a_lost_connection_too(pg_study, monkeypatch, capsys):
+    """Optuna's tell meets the cut, and so does its read of the trial after it: Optuna's own
+    finally block then raises UnboundLocalError (the DB error only as its context). The
+    worker must see the lost connection behind it (seen with a real outage, the proxy test
+    above), not die."""
+    import optuna.study._optimize as optimize_module
+    import sqlalchemy.exc
+
+    def cut():
+        return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+    real_tell, real_get = optimize_module._tell_with_warning, optuna.storages.RDBStorage.get_trial
+    state = {"tell": 0, "read": False}
+
+    def tell(*args, **kwargs):
+        state["tell"] += 1
+        if state["tell"] == 1:
+            state["read"] = True  # the read right after fails too
+            raise cut()
+        return real_tell(*args, **kwargs)
+
+    def get_trial(storage, trial_id):
+        if state["read"]:
+            state["read"] = False
+            raise cut()
+        return real_get(storage, trial_id)
+
+    monkeypatch.setattr(optimize_module, "_tell_with_warning", tell)
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_trial", get_trial)
+    code, trials, _ = pg_study()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "storage connection lost ((builtins.Exception) server closed the connection unexpectedly)" in out
+    assert len([t for t in trials if t.state in COUNTED]) == 3
+    assert trials[0].state == TrialState.FAIL  # its result never reached the study: trained again
+    assert [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
