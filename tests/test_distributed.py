@@ -20,18 +20,23 @@ from fmnist_sweep.config import resource_dir
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def _sweep_file(path, n_trials: int):
+    """A sweep over the learning rate alone, random sampler: the workers' tests' study."""
+    path.write_text(textwrap.dedent(f"""
+        objective: val/accuracy
+        n_trials: {n_trials}
+        sampler: {{name: random, seed: 0}}
+        params:
+          optimizer.lr: tag(log, interval(1e-4, 1e-2))
+    """))
+    return path
+
+
 @pytest.fixture
 def dist(tiny_overrides, workdir, pg_database, mlflow_server, tmp_path):
     """Command and environment of a worker: storage=postgres tracking=server, URLs from env."""
     name = f"dist{os.getpid()}{int(time.time() * 1000) % 10**8}"
-    sweep = tmp_path / f"{name}.yaml"
-    sweep.write_text(textwrap.dedent("""
-        objective: val/accuracy
-        n_trials: 24
-        sampler: {name: random, seed: 0}
-        params:
-          optimizer.lr: tag(log, interval(1e-4, 1e-2))
-    """))
+    sweep = _sweep_file(tmp_path / f"{name}.yaml", 24)
     env = dict(os.environ, FMNIST_STORAGE_URL=pg_database, MLFLOW_TRACKING_URI=mlflow_server,
                PYTHONPATH=str(resource_dir("conf").parent))
     args = [f"sweep={sweep}", "storage=postgres", "tracking=server", *tiny_overrides]
@@ -181,16 +186,21 @@ def test_a_trial_left_without_heartbeat_does_not_hang_the_study(dist):
     assert next(t for t in ts if t.number == orphan.number).state == TrialState.FAIL
 
 
-def _cut_once(monkeypatch, owner, name, then=None):
-    """``owner.name`` raises what a cut PostgreSQL connection raises, on its first call only."""
+def _db_error(text="server closed the connection unexpectedly"):
+    """What SQLAlchemy raises when PostgreSQL's connection is cut (or refused: ``text``)."""
     import sqlalchemy.exc
 
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception(text))
+
+
+def _cut_first_calls(monkeypatch, owner, name, then=None, times=1, text="server closed the connection unexpectedly"):
+    """``owner.name`` raises what a cut PostgreSQL connection raises, on its first ``times`` calls."""
     real, calls = getattr(owner, name), []
 
     def cut(*args, **kwargs):
         calls.append(args)
-        if len(calls) == 1:
-            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        if len(calls) <= times:
+            raise _db_error(text)
         if then is not None:
             then()
         return real(*args, **kwargs)
@@ -204,9 +214,7 @@ def pg_study(tiny_overrides, workdir, pg_database, tmp_path, monkeypatch):
     """One in-process worker on PostgreSQL (PostgreSQL's default heartbeat and grace period)."""
     from fmnist_sweep.cli import main
 
-    sweep = tmp_path / "cut.yaml"
-    sweep.write_text("objective: val/accuracy\nn_trials: 3\nsampler: {name: random, seed: 0}\n"
-                     "params:\n  optimizer.lr: tag(log, interval(1e-4, 1e-2))\n")
+    sweep = _sweep_file(tmp_path / "cut.yaml", 3)
     monkeypatch.setenv("FMNIST_STORAGE_URL", pg_database)
 
     def run(*extra):
@@ -231,9 +239,9 @@ def test_a_trial_cut_from_its_database_is_failed_and_requeued_at_once(where, pg_
         optuna.create_study(study_name="cut", storage=pg_database, direction="maximize").enqueue_trial(
             {"optimizer.lr": 1e-3})
     if where.startswith("ask"):
-        _cut_once(monkeypatch, optuna.samplers.RandomSampler, "before_trial")
+        _cut_first_calls(monkeypatch, optuna.samplers.RandomSampler, "before_trial")
     else:
-        _cut_once(monkeypatch, optuna.trial.Trial, "report")
+        _cut_first_calls(monkeypatch, optuna.trial.Trial, "report")
     code, trials, seconds = pg_study()
     out = capsys.readouterr().out
     assert code == 0, out
@@ -260,7 +268,7 @@ def test_a_heartbeat_cut_from_the_database_keeps_beating(pg_study, monkeypatch, 
     Here the trial's first beat is cut; it starts training only once a later beat got
     through (or after 15 s without one: the test then fails)."""
     resumed = threading.Event()
-    calls = _cut_once(monkeypatch, optuna.storages.RDBStorage, "record_heartbeat", then=resumed.set)
+    calls = _cut_first_calls(monkeypatch, optuna.storages.RDBStorage, "record_heartbeat", then=resumed.set)
     real_run = fmnist_train.run
 
     def run_after_a_beat(*args, **kwargs):
@@ -302,17 +310,8 @@ def test_a_worker_waits_for_a_restarting_database(pg_study, monkeypatch, capsys)
     """The storage refuses twice in a row, before any trial (a server restarting): the worker
     waits (2 s, then 4 s) and goes on. Before, the heartbeat check at the top of its loop
     ran outside the reconnect handling, and the first refusal ended the worker."""
-    import sqlalchemy.exc
-
-    real, calls = optuna.storages.RDBStorage._get_stale_trial_ids, []
-
-    def restarting(storage, study_id):
-        calls.append(study_id)
-        if len(calls) <= 2:
-            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("the database system is starting up"))
-        return real(storage, study_id)
-
-    monkeypatch.setattr(optuna.storages.RDBStorage, "_get_stale_trial_ids", restarting)
+    _cut_first_calls(monkeypatch, optuna.storages.RDBStorage, "_get_stale_trial_ids", times=2,
+              text="the database system is starting up")
     code, trials, _ = pg_study()
     out = capsys.readouterr().out
     assert code == 0, out
@@ -428,10 +427,6 @@ def test_a_cut_during_optunas_tell_is_a_lost_connection_too(pg_study, monkeypatc
     worker must see the lost connection behind it (seen with a real outage, the proxy test
     above), not die."""
     import optuna.study._optimize as optimize_module
-    import sqlalchemy.exc
-
-    def cut():
-        return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
 
     real_tell, real_get = optimize_module._tell_with_warning, optuna.storages.RDBStorage.get_trial
     state = {"tell": 0, "read": False}
@@ -440,13 +435,13 @@ def test_a_cut_during_optunas_tell_is_a_lost_connection_too(pg_study, monkeypatc
         state["tell"] += 1
         if state["tell"] == 1:
             state["read"] = True  # the read right after fails too
-            raise cut()
+            raise _db_error()
         return real_tell(*args, **kwargs)
 
     def get_trial(storage, trial_id):
         if state["read"]:
             state["read"] = False
-            raise cut()
+            raise _db_error()
         return real_get(storage, trial_id)
 
     monkeypatch.setattr(optimize_module, "_tell_with_warning", tell)
