@@ -59,16 +59,34 @@ def device_label(setting: str) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)}" + (f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_bf16_slowdown(cpuinfo: str | None = None) -> str:
+    """"" where bf16 autocast is real speed on this CPU, else why it is not. Fast: AMX tiles
+    (Intel) and AVX512-BF16 on AMD (Zen 4 and 5: bf16 GEMM peaks about twice fp32's). Not fast:
+    Intel's AVX512-BF16 without AMX (Cooper Lake, or a VM that hides AMX), where oneDNN's
+    bf16 kernels ran at half the fp32 speed (2048^2 matmul 81 vs 158 GFLOP/s; the seed CNN
+    trained at 373 vs 450 img/s), and CPUs without bf16 units, where autocast emulates it.
+    Read from /proc/cpuinfo, not timed, so a configuration trains the same way on every run."""
+    cpuinfo = cpuinfo or CPUINFO
+    flags = cpuinfo_field("flags", cpuinfo).split()
+    if "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in cpuinfo_field("vendor_id", cpuinfo)):
+        return ""
+    if "avx512_bf16" in flags:
+        return ("an Intel CPU with AVX512-BF16 but no AMX: its bf16 products run at about half "
+                "the fp32 speed")
+    return ("a CPU without bf16 units (AMX or AVX512-BF16): autocast emulates it (about 10x slower than fp32 "
+            "on an AVX2-only CPU)")
+
+
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 units, where bf16 autocast is real speed on a CPU."""
-    flags = cpuinfo_field("flags").split()
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return not cpu_bf16_slowdown()
 
 
 def select_precision(setting: str, device: torch.device, model) -> str:
-    if setting == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        print("warning: trainer.precision=bf16 on a CPU without bf16 units (AMX or AVX512-BF16): autocast "
-              "emulates it (about 10x slower than fp32 on an AVX2-only CPU); precision=auto trains in fp32 here")
+    if setting == "bf16" and device.type == "cpu" and (why := cpu_bf16_slowdown()):
+        print(f"warning: trainer.precision=bf16 on {why}; precision=auto trains in fp32 here")
     if setting != "auto":
         return setting
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()

@@ -142,14 +142,35 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_overrides, workdir, 
     assert r.data.tags["fmnist.device"] == "cpu" and r.data.tags["fmnist.precision"] == "fp32"
 
 
-def test_bf16_on_a_cpu_without_bf16_units_warns_and_auto_stays_fp32(tiny_overrides, workdir, capsys, monkeypatch):
-    monkeypatch.setattr("fmnist_sweep.train.cpu_has_fast_bf16", lambda: False)
+@pytest.mark.parametrize("vendor, flags, why", [
+    ("AuthenticAMD", "fpu avx2", "a CPU without bf16 units"),
+    ("GenuineIntel", "fpu avx512f avx512_bf16", "an Intel CPU with AVX512-BF16 but no AMX")])
+def test_bf16_where_it_is_not_fast_warns_and_auto_stays_fp32(tiny_overrides, workdir, capsys, monkeypatch, tmp_path,
+                                                              vendor, flags, why):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\nflags\t\t: {flags}\n")
+    monkeypatch.setattr("fmnist_sweep.train.CPUINFO", str(cpuinfo))
     assert main(tiny_overrides) == 0
     assert "warning" not in capsys.readouterr().out
     assert main(tiny_overrides + ["trainer.precision=bf16"]) == 0
-    assert "trainer.precision=bf16 on a CPU without bf16 units" in capsys.readouterr().out
+    assert f"warning: trainer.precision=bf16 on {why}" in capsys.readouterr().out
     _, runs = mlflow_runs(workdir)
     assert sorted(r.data.tags["fmnist.precision"] for r in runs) == ["bf16", "fp32"]
+
+
+@pytest.mark.parametrize("vendor, flags, fast", [
+    ("GenuineIntel", "fpu avx512_bf16 amx_bf16 amx_tile", True),   # Sapphire Rapids and later, AMX shown
+    ("GenuineIntel", "fpu avx512_bf16", False),                    # Cooper Lake, or a VM hiding AMX
+    ("AuthenticAMD", "fpu avx512_bf16", True),                     # Zen 4, Zen 5
+    ("AuthenticAMD", "fpu avx2", False), ("GenuineIntel", "fpu avx2", False)])
+def test_precision_auto_uses_bf16_only_where_the_cpu_makes_it_fast(tmp_path, monkeypatch, vendor, flags, fast):
+    from fmnist_sweep.train import select_precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n")
+    monkeypatch.setattr("fmnist_sweep.train.CPUINFO", str(cpuinfo))
+    cnn = instantiate(compose(["model=cnn"]).model)
+    assert select_precision("auto", torch.device("cpu"), cnn) == ("bf16" if fast else "fp32")
 
 
 def test_training_keeps_freed_memory_in_the_process(tiny_overrides, workdir, monkeypatch):
