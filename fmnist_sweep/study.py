@@ -362,8 +362,7 @@ class Study:
 
     # --- one trial ------------------------------------------------------------------------------
     def _keys_for(self, overrides: list[str]) -> frozenset[str]:
-        """The config keys present with these group choices: composed once per distinct
-        choice (a Hydra composition is ~60 ms, a tenth of a trial's orchestration)."""
+        """The config keys present with these group choices: listed once per distinct choice."""
         key = tuple(overrides)
         if key not in self._keys_cache:
             self._keys_cache[key] = frozenset(flat_keys(compose(self.base + ["sweep=null"] + overrides)))

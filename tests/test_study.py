@@ -319,14 +319,31 @@ def test_unknown_study_for_status_and_unknown_sweep(workdir, capsys):
 
 @pytest.mark.parametrize("experiment", [e for e in group_options("experiment") if not e.startswith("keras_")])
 def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
+    """Each trial's config is Hydra's composition of its line: compose() caches the part
+    built from the group choices and applies the values itself, so every sweep's trials
+    (group choices, conditional values, a user's value before them) are checked against
+    Hydra composing the whole line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    def whole(line):
+        with initialize_config_dir(config_dir=str(resource_dir("conf")), version_base="1.3", job_name="t"):
+            cfg = hydra_compose(config_name="config", overrides=line)
+        return OmegaConf.to_container(cfg, resolve=True)
+
     cfg = compose([f"+experiment={experiment}"])
     sweep = load_sweep(cfg.sweep)
-    study = optuna.create_study(directions=[d for _, d in sweep.objectives])
-    trial = study.ask()
-    base = [f"+experiment={experiment}", "sweep=null"]
-    overrides = sweep.space.suggest(trial, lambda o: set(flat_keys(compose(base + o))))
-    trial_cfg = compose(base + overrides)
-    assert trial_cfg.sweep is None and trial_cfg.trainer.test is False
+    study = optuna.create_study(directions=[d for _, d in sweep.objectives], sampler=optuna.samplers.RandomSampler(0))
+    base = [f"+experiment={experiment}", "trainer.epochs=2", "sweep=null"]
+    for _ in range(4):
+        trial = study.ask()
+        overrides = sweep.space.suggest(trial, lambda o: set(flat_keys(compose(base + o))))
+        trial_cfg = compose(base + overrides)
+        assert trial_cfg.sweep is None and trial_cfg.trainer.test is False and trial_cfg.trainer.epochs == 2
+        assert OmegaConf.to_container(trial_cfg) == whole(base + overrides), base + overrides
+        trial_cfg.seed = -1  # callers change their copy (a study turns trainer.progress off): not the next one's
+        study.tell(trial, [0.5] * len(sweep.objectives))
 
 
 def test_every_sweep_file_has_an_experiment():
