@@ -10,7 +10,6 @@ import math
 import os
 import shlex
 import socket
-import sqlite3
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from . import train
 from .config import compose, config_fingerprint, flat_keys, resource_dir
 from .errors import StorageLost, UserError
 from .space import SearchSpace
-from .tracking import Tracker
+from .tracking import Tracker, sqlite_wal, sync_at_checkpoints
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -211,8 +210,7 @@ def make_storage(cfg_storage: DictConfig):
             path = Path(url[len("sqlite:///"):]).expanduser().resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{path}"
-            with sqlite3.connect(path) as db:  # WAL is stored in the file: set once, for every process
-                db.execute("PRAGMA journal_mode=WAL")
+            sqlite_wal(path)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg_storage.max_retry)
         error: Exception = RuntimeError("the schema could not be created")
         for attempt in range(5):
@@ -260,11 +258,13 @@ def _serialize_sqlite(engine) -> None:
     def _no_implicit_begin(dbapi_connection, record):
         dbapi_connection.isolation_level = None
 
+    sync_at_checkpoints(engine)
+
     @event.listens_for(engine, "begin")
     def _begin_immediate(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    engine.dispose()  # connections made before the listeners existed
+    engine.dispose()  # connections made before the listeners existed (sync_at_checkpoints' too)
 
 
 def _base_overrides(overrides: list[str]) -> list[str]:

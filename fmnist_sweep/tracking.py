@@ -43,6 +43,32 @@ def local_uri(uri: str) -> str:
     return uri
 
 
+def sqlite_wal(path: Path) -> None:
+    """A local SQLite store (the Optuna study's, MLflow's) in write-ahead-log mode: readers
+    do not wait for a writer (workers on one machine share both stores). The mode is kept
+    in the file: set once, for every process."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+def _sync_at_checkpoints(dbapi_connection, record) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def sync_at_checkpoints(engine) -> None:
+    """``engine``'s SQLite connections sync the log at checkpoints, not at every commit
+    (synchronous=NORMAL, safe in WAL mode): each commit was an fsync, a third of an
+    epoch's log_batch (5-6.5 -> 3.5 ms on machine H). The database stays consistent; a
+    power cut (not a killed process) may lose its last commits."""
+    from sqlalchemy import event
+
+    if not event.contains(engine, "connect", _sync_at_checkpoints):
+        event.listen(engine, "connect", _sync_at_checkpoints)
+        engine.dispose()  # connections made before the listener existed
+
+
 class Tracker:
     """One MLflow experiment; starts runs and writes them in batches."""
 
@@ -51,8 +77,13 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = local_uri(uri)
+        local = self.uri.startswith("sqlite:///")
+        if local:
+            sqlite_wal(Path(self.uri[len("sqlite:///"):]))
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
+            if local:
+                sync_at_checkpoints(self.client._tracking_client.store.engine)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 # One artifact folder per experiment (= per study), as MLflow's own default does.

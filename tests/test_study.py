@@ -80,6 +80,23 @@ def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, wo
     assert parent.info.status == "FINISHED"
 
 
+def test_local_stores_are_in_wal_mode_and_sync_at_checkpoints(tiny_overrides, workdir):
+    """The embedded default's two SQLite stores (Optuna's study, MLflow's runs): WAL, so
+    workers on one machine read while another writes, and an fsync per checkpoint rather
+    than per commit (an epoch's metrics are one commit)."""
+    from fmnist_sweep.study import make_storage
+    from fmnist_sweep.tracking import Tracker
+
+    cfg = compose(tiny_overrides + ["+experiment=quickstart"])
+    engines = {"optuna": make_storage(cfg.storage).engine}
+    for _ in range(2):  # a second tracker on the same store (same engine in MLflow's cache)
+        engines["mlflow"] = Tracker(cfg.tracking.uri, "wal").client._tracking_client.store.engine
+    for name, engine in engines.items():
+        with engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal", name
+            assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 1, name  # NORMAL
+
+
 def test_study_report_contour_png_shows_the_two_most_important_of_the_parameters_that_varied(
         tiny_overrides, workdir, tmp_path, capfd, monkeypatch):
     """A parameter the finished trials all share is left out of the contour plots (no empty
