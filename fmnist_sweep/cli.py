@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 
@@ -180,11 +181,20 @@ def _run_study(cfg, overrides, more, fork) -> int:
 
     t0 = time.perf_counter()
     study = Study(cfg, overrides, fork=fork)
+    publish = "FMNIST_WORKER" not in os.environ  # under `workers`, the launcher publishes once
     try:
         study.optimize(more)
-    finally:
-        if "FMNIST_WORKER" not in os.environ:  # under `workers`, the launcher publishes once
-            study_report.publish(study)
+    except BaseException:
+        if publish:  # what the study has so far; never in place of the error that stopped it
+            try:
+                study_report.publish(study)
+            except Exception as e:
+                print(f"warning: the study report was not refreshed ({type(e).__name__}); later: "
+                      + shlex.join(["python", "-m", "fmnist_sweep", "report", study.name, *_where(overrides)]),
+                      file=sys.stderr)
+        raise
+    if publish:
+        study.reconnecting(lambda: study_report.publish(study))
     c = study.counts()
     print(f"\nstudy {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
           f"in {time.perf_counter() - t0:.0f} s")
@@ -194,6 +204,11 @@ def _run_study(cfg, overrides, more, fork) -> int:
     print(f"MLflow: experiment '{study.name}', parent run {study.parent_run_id} (plots and trials.csv there)")
     print(_browse_hint(local_uri(cfg.tracking.uri)))
     return 0
+
+
+def _where(overrides) -> list[str]:
+    """The overrides that say where studies and runs are kept."""
+    return [o for o in overrides if o.lstrip("+~").startswith(("storage", "tracking", "work_dir"))]
 
 
 def _study_command(opts, overrides) -> int:
@@ -209,7 +224,7 @@ def _study_command(opts, overrides) -> int:
         print(f"\nMLflow: experiment 'compare', run {run_id}" + (f"; files in {opts['out']}" if opts["out"] else ""))
         return 0
     # Storage and tracking overrides select the study; the rest size the final retraining.
-    where = [o for o in overrides if o.lstrip("+~").startswith(("storage", "tracking", "work_dir"))]
+    where = _where(overrides)
     study = open_study(where, opts["study"])
     if command == "finalize":
         from .finalize import finalize

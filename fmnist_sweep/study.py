@@ -315,6 +315,7 @@ class Study:
         self._beaten: set[int] = set()  # trials given a heartbeat by _fail_stale_trials
         self._taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
         self._cut: int | None = None  # a trial whose training stopped on a cut connection
+        self._lost = 0  # storage connections lost since the last finished trial
 
     # --- MLflow ---------------------------------------------------------------------------------
     def _parent_run(self) -> str:
@@ -463,7 +464,7 @@ class Study:
               f"(storage {self._where()}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
         self._t0, self._started, self._failures = time.perf_counter(), done, 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - self._started)
-        self._lost = 0  # connection losses since the last finished trial
+        self._lost = 0
         while True:
             try:
                 self._release_held()  # the trial a cut connection interrupted, if any
@@ -485,18 +486,34 @@ class Study:
                     self._taken_over = None
                     continue
                 # A cut connection, or a server restarting: the pool reconnects (pre-ping) and the trial
-                # it interrupted is re-queued; the pauses grow (2, 4, ... 10 s: 30 s in all) until a
-                # trial finishes again.
-                self._lost += 1
-                first = str(cut).splitlines()[0] if str(cut) else type(cut).__name__
-                if self._lost > 5:
-                    raise UserError(f"lost the study storage {self._where()} {self._lost} times in a row: "
-                                    f"{first}") from None
-                print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
-                time.sleep(min(2 * self._lost, 10))
+                # it interrupted is re-queued.
+                self._pause(cut)
                 self._taken_over = None
-        self._end_orphans()
+        self.reconnecting(self._end_orphans)
         self.tracker.end(self.parent_run_id, "FINISHED")
+
+    def _pause(self, cut: BaseException) -> None:
+        """After a lost storage connection: pauses that grow (2, 4, ... 10 s: 30 s in all)
+        until a trial finishes again; the sixth loss in a row ends the worker with one line."""
+        self._lost += 1
+        first = str(cut).splitlines()[0] if str(cut) else type(cut).__name__
+        if self._lost > 5:
+            raise UserError(f"lost the study storage {self._where()} {self._lost} times in a row: "
+                            f"{first}") from None
+        print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
+        time.sleep(min(2 * self._lost, 10))
+
+    def reconnecting(self, fn):
+        """``fn()``, again after each lost storage connection (with the loop's pauses): the
+        study's closing reads (after its last trial) and its report ride out an outage too."""
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                cut = _connection_error(e)
+                if cut is None:
+                    raise
+                self._pause(cut)
 
     def _release_held(self) -> None:
         """After a cut connection: the trial this worker was running when it was cut is

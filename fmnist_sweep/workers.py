@@ -85,7 +85,7 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
         for p in procs:
             p.wait()
         raise
-    study_report.publish(study)
+    study.reconnecting(lambda: study_report.publish(study))
     c = study.counts()
     print(f"study {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed; "
           f"worker exit codes {codes}; {study.best_text()}")

@@ -453,3 +453,51 @@ def test_a_cut_during_optunas_tell_is_a_lost_connection_too(pg_study, monkeypatc
     assert len([t for t in trials if t.state in COUNTED]) == 3
     assert trials[0].state == TrialState.FAIL  # its result never reached the study: trained again
     assert [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+
+
+def test_a_database_lost_after_the_last_trial_is_ridden_out_too(pg_study, monkeypatch, capsys):
+    """The storage is cut right after the study's last trial, in its closing reads (orphan
+    runs) and again in its report: the worker reconnects for both and ends as usual.
+    Before, those reads were outside the reconnect handling: a traceback, exit 1."""
+    from fmnist_sweep import study as study_module
+    from fmnist_sweep import study_report
+
+    real_end_orphans, cut = study_module.Study._end_orphans, []
+
+    def end_orphans(study):
+        if study.finished() >= study.target and not cut:  # the closing call, once
+            cut.append(study.finished())
+            raise _db_error()
+        return real_end_orphans(study)
+
+    monkeypatch.setattr(study_module.Study, "_end_orphans", end_orphans)
+    _cut_first_calls(monkeypatch, study_report, "publish")
+    code, trials, _ = pg_study()
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert cut == [3] and captured.out.count("storage connection lost") == 2
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    from tests.conftest import mlflow_runs
+
+    _, runs = mlflow_runs(Path.cwd(), "cut")
+    parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "study")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["study/complete"] == 3
+
+
+def test_a_database_that_stays_down_is_one_error_line(pg_study, monkeypatch, capsys):
+    """Down for good: after six losses in a row (pauses skipped here) the worker stops with
+    one error line, exit 2, and the report it cannot refresh does not replace that error."""
+    from fmnist_sweep import study as study_module
+    from fmnist_sweep import study_report
+
+    for owner, name in ((optuna.storages.RDBStorage, "_get_stale_trial_ids"), (study_report, "publish")):
+        _cut_first_calls(monkeypatch, owner, name, times=99, text="could not connect to server: Connection refused")
+    monkeypatch.setattr(study_module.time, "sleep", lambda seconds: None)
+    code, trials, _ = pg_study()
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert captured.err.splitlines()[-1].startswith("error: lost the study storage")
+    assert "6 times in a row: (builtins.Exception) could not connect to server" in captured.err
+    assert "warning: the study report was not refreshed (OperationalError); later: python -m fmnist_sweep report cut" \
+        in captured.err and "storage=postgres" in captured.err
+    assert "Traceback" not in captured.out + captured.err and trials == []
