@@ -87,8 +87,11 @@ def _composed(overrides: list[str]) -> DictConfig:
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        if any(o.is_hydra_override() or o.is_sweep_override() for o in parsed):
-            return _hydra(overrides)
+    except Exception:
+        parsed = None  # a syntax error: Hydra's own message
+    if parsed is None or any(o.is_hydra_override() or o.is_sweep_override() for o in parsed):
+        return _hydra(overrides)
+    try:
         conf = resource_dir("conf")
         # Hydra's own test (defaults_list.Overrides): a group that exists, given a name, not a dict.
         is_group = [(conf / o.key_or_group).is_dir() and not isinstance(o.value(), dict) for o in parsed]

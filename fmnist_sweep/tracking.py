@@ -82,8 +82,8 @@ class Tracker:
             sqlite_wal(Path(self.uri[len("sqlite:///"):]))
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
-            if local:
-                sync_at_checkpoints(self.client._tracking_client.store.engine)
+            if local and (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
+                sync_at_checkpoints(engine)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 # One artifact folder per experiment (= per study), as MLflow's own default does.
