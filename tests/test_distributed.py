@@ -327,6 +327,7 @@ class _Proxy:
         import socket
 
         self.target, self.up, self.pairs, self.done = (host, port), threading.Event(), [], threading.Event()
+        self.lock = threading.Lock()  # a connection accepted while down() runs is dropped too
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
@@ -343,11 +344,12 @@ class _Proxy:
                 continue
             except OSError:  # closed
                 return
-            if not self.up.is_set():
-                client.close()  # what a restarting server does to a new connection
-                continue
             server = socket.create_connection(self.target)
-            self.pairs.append((client, server))
+            with self.lock:
+                if not self.up.is_set():  # what a restarting server does to a new connection
+                    _drop(client, server)
+                    continue
+                self.pairs.append((client, server))
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -358,20 +360,33 @@ class _Proxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            s.close()
+        _drop(src, dst)
 
     def down(self):
-        self.up.clear()
-        for pair in self.pairs:
-            for s in pair:
-                s.close()
-        self.pairs.clear()
+        with self.lock:
+            self.up.clear()
+            for pair in self.pairs:
+                _drop(*pair)
+            self.pairs.clear()
 
     def close(self):
         self.done.set()
         self.down()
         self.listener.close()
+
+
+def _drop(*sockets):
+    """Close TCP connections as a dying server does: shutdown() sends the FIN and wakes a
+    thread blocked in recv() on them (close() alone does neither while one is: the worker
+    then waited for ever on a connection that was neither answered nor closed)."""
+    import socket
+
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
 
 
 def test_a_worker_rides_out_a_database_restart(pg_study, pg_database, monkeypatch, capsys):
