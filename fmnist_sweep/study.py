@@ -467,30 +467,31 @@ class Study:
         self._lost = 0
         while True:
             try:
-                self._release_held()  # the trial a cut connection interrupted, if any
-                # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
-                self._fail_stale_trials()
-                self._end_orphans()
-                self.optuna.optimize(self.objective, callbacks=[self._after_trial], catch=(TrialFailed, Surplus))
+                # A cut connection, or a server restarting: paused and retried inside; the pool
+                # reconnects (pre-ping) and the trial it interrupted is re-queued.
+                self.reconnecting(self._round)
                 break
             except KeyboardInterrupt:
                 self.tracker.end(self.parent_run_id, "KILLED")
                 raise
-            except Exception as e:
-                cut = _connection_error(e)
-                if cut is None and self._taken_over is None:
+            except UserError:  # the storage lost too many times in a row, taken-over trial or not
+                raise
+            except Exception:
+                if self._taken_over is None:
                     raise
-                if cut is None:
-                    # Optuna cannot tell a trial that is already finished (ValueError): this worker goes on.
-                    print(f"trial {self._taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
-                    self._taken_over = None
-                    continue
-                # A cut connection, or a server restarting: the pool reconnects (pre-ping) and the trial
-                # it interrupted is re-queued.
-                self._pause(cut)
-                self._taken_over = None
+                # Optuna cannot tell a trial that is already finished (ValueError): this worker goes on.
+                print(f"trial {self._taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
         self.reconnecting(self._end_orphans)
         self.tracker.end(self.parent_run_id, "FINISHED")
+
+    def _round(self) -> None:
+        """Trials until the budget is met, after what an earlier round left behind."""
+        self._taken_over = None
+        self._release_held()  # the trial a cut connection interrupted, if any
+        # Trials of dead workers: failed (and re-queued) by Optuna, their MLflow runs ended here.
+        self._fail_stale_trials()
+        self._end_orphans()
+        self.optuna.optimize(self.objective, callbacks=[self._after_trial], catch=(TrialFailed, Surplus))
 
     def _pause(self, cut: BaseException) -> None:
         """After a lost storage connection: pauses that grow (2, 4, ... 10 s: 30 s in all)
