@@ -195,10 +195,10 @@ def _run_study(cfg, overrides, more, fork) -> int:
         raise
     if publish:
         study.reconnecting(lambda: study_report.publish(study))
-    c = study.counts()
+    c, best = study.reconnecting(lambda: (study.counts(), study_report.best_trials(study)))
     print(f"\nstudy {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
           f"in {time.perf_counter() - t0:.0f} s")
-    for t in study_report.best_trials(study):
+    for t in best:
         values = ", ".join(f"{m} {v:.4f}" for (m, _), v in zip(study.sweep.objectives, t.values))
         print(f"best trial {t.number}: {values}\n  re-run: python -m fmnist_sweep {t.user_attrs.get('overrides', '')}")
     print(f"MLflow: experiment '{study.name}', parent run {study.parent_run_id} (plots and trials.csv there)")

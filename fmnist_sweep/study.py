@@ -78,8 +78,9 @@ def _connection_error(e: BaseException | None):
 class WorkerStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage as a worker that can lose its connection needs it.
 
-    - It knows the trial this process holds: the last one it created, or took from the
-      waiting queue (an enqueued or re-queued trial). After a cut the
+    - It knows the trial this process holds: the last one it created running, or took
+      from the waiting queue (an enqueued or re-queued trial); not one it re-queued for
+      any worker to take (a heartbeat check's retry). After a cut the
       worker fails that trial at once and re-queues it (Study._release_held), instead
       of leaving it RUNNING for other workers to wait on: with no heartbeat recorded yet
       (a cut inside ``study.ask``), Optuna's check never sees it, and ours takes two grace
@@ -93,7 +94,8 @@ class WorkerStorage(optuna.storages.RDBStorage):
 
     def _create_new_trial(self, study_id, template_trial=None):
         frozen = super()._create_new_trial(study_id, template_trial)
-        self.held = frozen._trial_id
+        if frozen.state == TrialState.RUNNING:  # not a trial it re-queues (WAITING) for any worker
+            self.held = frozen._trial_id
         return frozen
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
@@ -315,6 +317,7 @@ class Study:
         self._beaten: set[int] = set()  # trials given a heartbeat by _fail_stale_trials
         self._taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
         self._cut: int | None = None  # a trial whose training stopped on a cut connection
+        self._run: tuple[int, str] | None = None  # (trial number, MLflow run) of the last objective call
         self._lost = 0  # storage connections lost since the last finished trial
 
     # --- MLflow ---------------------------------------------------------------------------------
@@ -370,6 +373,17 @@ class Study:
         return self._keys_cache[key]
 
     def objective(self, trial: optuna.Trial):
+        self._run = None
+        try:
+            return self._objective(trial)
+        except CONNECTION_ERRORS as e:
+            # A cut outside training (reading the study, storing the run's id) is not the
+            # trial's failure either: the worker re-queues it (_release_held), and the run it
+            # made, if any, is tagged FAIL there — never left saying COMPLETE.
+            self._cut = trial.number
+            raise StorageLost(CUT) from e
+
+    def _objective(self, trial: optuna.Trial):
         trial.set_user_attr("host", self.host)
         trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
         trial.set_user_attr("device", self.device)
@@ -409,6 +423,7 @@ class Study:
 
         result = train.run(cfg, line, report=report, parent_run_id=self.parent_run_id, tags=tags,
                            tracker=self.tracker, name=f"trial {trial.number}")
+        self._run = (trial.number, result.run_id)
         try:
             trial.set_user_attr("mlflow_run_id", result.run_id)
         except optuna.exceptions.UpdateFinishedTrialError:  # trained here, but retried elsewhere
@@ -433,6 +448,7 @@ class Study:
                                                           "fmnist.duplicate_of_run": twin.user_attrs.get("mlflow_run_id", ""),
                                                           "fmnist.overrides": shlex.join(line)},
                                     parent_run_id=self.parent_run_id)
+        self._run = (trial.number, run_id)
         self.tracker.log(run_id, {m: v for (m, _), v in zip(self.sweep.objectives, twin.values)})
         self.tracker.end(run_id, "FINISHED")
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -520,7 +536,7 @@ class Study:
         """After a cut connection: the trial this worker was running when it was cut is
         failed now and re-queued with its parameters (Optuna's retry callback, within
         storage.max_retry), as Optuna's heartbeat check would do a grace period later.
-        Left as it is: a finished trial (a FAIL too, unless training stopped on the cut:
+        Left as it is: a finished trial (a FAIL too, unless its objective stopped on the cut:
         a failure of its own, a surplus trial), one another worker's check already
         re-queued. A connection error propagates (the storage is still down): the trial
         stays held for the loop's next round."""
@@ -537,7 +553,8 @@ class Study:
             try:
                 if trial.state == TrialState.RUNNING:
                     storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                run_id = trial.user_attrs.get("mlflow_run_id")
+                run_id = trial.user_attrs.get("mlflow_run_id") or (
+                    self._run[1] if self._run and self._run[0] == trial.number else None)
                 if run_id:  # its result, if any, never reached the study: the run says so
                     self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
                 retry = storage.get_heartbeat_stale_trial_callback()
