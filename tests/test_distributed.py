@@ -312,6 +312,26 @@ def test_a_cut_while_storing_a_trials_run_leaves_no_run_saying_complete(where, p
     assert "storage connection was lost" in run.data.tags["fmnist.failure"]
 
 
+def test_a_worker_holds_the_trials_it_runs_not_those_it_requeues(tmp_path):
+    """The trial a worker fails and re-queues after a cut is the one it holds: one it
+    created running or took from the queue. A trial it re-queues for any worker (the
+    heartbeat check's retry, an enqueue) is not: held, a later cut would have made this
+    worker fail it while another worker ran it."""
+    from fmnist_sweep.study import WorkerStorage
+
+    storage = WorkerStorage(f"sqlite:///{tmp_path / 'held.db'}")
+    study = optuna.create_study(storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    assert storage.held is None
+    taken = study.ask()  # from the queue
+    assert storage.held == taken._trial_id
+    study.tell(taken, 1.0)
+    created = study.ask()  # a new one
+    assert storage.held == created._trial_id
+    study.enqueue_trial({"x": 2.0})
+    assert storage.held == created._trial_id
+
+
 def test_a_heartbeat_cut_from_the_database_keeps_beating(pg_study, monkeypatch, capsys):
     """Optuna's heartbeat thread ended at its first failed beat: a trial that outlived the
     grace period after a cut was failed under its running worker by the others' checks.
