@@ -189,10 +189,59 @@ def _build(spec: dict, table: dict, kind: str, **extra):
 
 def make_sampler(sweep: Sweep, seed: int):
     spec = {"seed": seed, **sweep.sampler}
-    if spec.get("name") == "grid":  # its search space comes from the sweep's params
-        spec.pop("name")
-        return optuna.samplers.GridSampler(sweep.space.grid(), **spec)
-    return _build(spec, SAMPLERS, "sampler")
+
+    def build(seed):
+        if spec.get("name") == "grid":  # its search space comes from the sweep's params
+            return optuna.samplers.GridSampler(sweep.space.grid(), **{k: v for k, v in spec.items()
+                                                                      if k not in ("name", "seed")}, seed=seed)
+        return _build({**spec, "seed": seed}, SAMPLERS, "sampler")
+
+    if spec.get("seed") is None:
+        return build(None)
+    build(spec["seed"])  # a bad sampler spec is an error now, not at the first trial
+    return WorkerSeededSampler(build, spec["seed"])
+
+
+class WorkerSeededSampler(optuna.samplers.BaseSampler):
+    """A seeded sampler that draws a different sequence in each worker of a study.
+
+    Workers of one study each build their sampler from the same spec: with one seed,
+    every worker drew the same parameters in lockstep (two workers trained each point
+    twice; a resumed study drew its first trials again). This builds the real sampler at
+    the worker's first trial, seeded with seed + that trial's number — unique per worker,
+    and the same on a re-run (a one-worker study on a fresh storage draws what the plain
+    seeded sampler draws)."""
+
+    def __init__(self, build, seed: int):
+        self._build, self._seed, self._sampler = build, seed, None
+
+    def _base(self, trial=None) -> optuna.samplers.BaseSampler:
+        if self._sampler is None:
+            self._sampler = self._build(self._seed + (trial.number if trial is not None else 0))
+        return self._sampler
+
+    @property
+    def base(self) -> optuna.samplers.BaseSampler:
+        """The sampler that draws (the sweep's sampler, seeded for this worker)."""
+        return self._base()
+
+    def before_trial(self, study, trial) -> None:
+        self._base(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._base(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._base(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._base(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._base(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._base().reseed_rng()
 
 
 def make_pruner(sweep: Sweep, epochs: int):

@@ -251,6 +251,8 @@ def test_resume_adds_more_and_refuses_a_changed_space(tiny_overrides, workdir, t
     assert main(args) == 0 and len(trials(workdir, "mine")) == 2  # already complete: nothing runs
     assert "2 of 2 trials already done" in capsys.readouterr().out
     assert main(args + ["--more", "1"]) == 0 and len(trials(workdir, "mine")) == 3
+    # the added trial is drawn anew, not the first session's first draw again (a duplicate)
+    assert len({t.params["optimizer.lr"] for t in trials(workdir, "mine")}) == 3
 
     sweep_file(tmp_path, text.replace("1e-4", "1e-5"))
     assert main(args) == 2
@@ -439,7 +441,7 @@ def test_every_sampler_and_pruner_drives_a_study(sampler, pruner, tmp_path):
         return float(values["optimizer.lr"]) + float(values["model.dropout"])
 
     study.optimize(objective, n_trials=4)
-    assert len(study.trials) == 4 and type(study.sampler).__name__.lower().startswith(
+    assert len(study.trials) == 4 and type(study.sampler.base).__name__.lower().startswith(
         {"grid": "grid", "cmaes": "cmaes", "gp": "gp", "nsga2": "nsgaii", "tpe": "tpe", "random": "random"}
         .get(sampler, "qmc"))
 
