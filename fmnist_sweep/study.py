@@ -431,6 +431,11 @@ class Study:
             # made, if any, is tagged FAIL there — never left saying COMPLETE.
             self._cut = trial.number
             raise StorageLost(CUT) from e
+        except optuna.exceptions.UpdateFinishedTrialError:  # done here, but retried elsewhere
+            self._taken_over = trial.number
+            if self._run is not None:
+                self.tracker.log(self._run[1], {}, tags={"optuna.state": "FAIL", "fmnist.failure": TAKEN_OVER})
+            raise StorageLost(TAKEN_OVER) from None
 
     def _objective(self, trial: optuna.Trial):
         trial.set_user_attr("host", self.host)
@@ -473,12 +478,7 @@ class Study:
         result = train.run(cfg, line, report=report, parent_run_id=self.parent_run_id, tags=tags,
                            tracker=self.tracker, name=f"trial {trial.number}")
         self._run = (trial.number, result.run_id)
-        try:
-            trial.set_user_attr("mlflow_run_id", result.run_id)
-        except optuna.exceptions.UpdateFinishedTrialError:  # trained here, but retried elsewhere
-            self._taken_over = trial.number
-            self.tracker.log(result.run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure": TAKEN_OVER})
-            raise StorageLost(TAKEN_OVER) from None
+        trial.set_user_attr("mlflow_run_id", result.run_id)
         state = {"FINISHED": "COMPLETE", "KILLED": "PRUNED"}.get(result.status, "FAIL")
         self.tracker.log(result.run_id, {}, tags={"optuna.state": state})
         if state == "PRUNED":

@@ -354,28 +354,57 @@ def test_a_heartbeat_cut_from_the_database_keeps_beating(pg_study, monkeypatch, 
     assert [t.state for t in trials] == [TrialState.COMPLETE]
 
 
-def test_a_trial_another_worker_took_over_does_not_stop_this_worker(pg_study, pg_database, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["training", "duplicate"])
+def test_a_trial_another_worker_took_over_does_not_stop_this_worker(where, pg_study, pg_database, monkeypatch,
+                                                                    capsys):
     """A worker whose heartbeats did not reach the storage for the grace period (a long cut,
     a stalled machine) has its running trial failed and re-queued by another worker's check.
-    When it next reaches the storage, it abandons that trial and goes on; before, Optuna's
-    tell raised "Cannot tell a FAIL trial" out of the study and the worker died."""
-    storage = optuna.storages.RDBStorage(pg_database)
-    real_report = optuna.trial.Trial.report
+    When it next reaches the storage — in training, or storing a duplicate's run — it
+    abandons that trial and goes on; before, Optuna's tell raised "Cannot tell a FAIL
+    trial" out of the study and the worker died (still so for a duplicate, whose run also
+    said COMPLETE)."""
+    from tests.conftest import mlflow_runs
 
-    def taken_over_first(trial, value, step):
-        if trial.number == 0 and not storage.get_trial(trial._trial_id).state.is_finished():
+    storage = optuna.storages.RDBStorage(pg_database)
+    victim = 0 if where == "training" else 1
+
+    def take_over(trial):
+        if trial.number == victim and not storage.get_trial(trial._trial_id).state.is_finished():
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # another worker's check
             RetryHeartbeatStaleTrialCallback(max_retry=2)(trial.study, storage.get_trial(trial._trial_id))
-        return real_report(trial, value, step)
 
-    monkeypatch.setattr(optuna.trial.Trial, "report", taken_over_first)
+    if where == "training":
+        real_report = optuna.trial.Trial.report
+
+        def report(trial, value, step):
+            take_over(trial)
+            return real_report(trial, value, step)
+
+        monkeypatch.setattr(optuna.trial.Trial, "report", report)
+    else:
+        study = optuna.create_study(study_name="cut", storage=pg_database, direction="maximize")
+        for _ in range(2):  # trial 1 repeats trial 0's parameters: it is a duplicate
+            study.enqueue_trial({"optimizer.lr": 1e-3})
+        real_set = optuna.trial.Trial.set_user_attr
+
+        def set_user_attr(trial, key, value):
+            if key == "mlflow_run_id":
+                take_over(trial)
+            return real_set(trial, key, value)
+
+        monkeypatch.setattr(optuna.trial.Trial, "set_user_attr", set_user_attr)
     code, trials, _ = pg_study()
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "trial 0: failed and re-queued by another worker's heartbeat check while it ran here" in out
-    assert len([t for t in trials if t.state in COUNTED]) == 3 and trials[0].state == TrialState.FAIL
-    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
-    assert len(retried) == 1 and retried[0].params == trials[0].params  # re-queued once, not twice
+    assert f"trial {victim}: failed and re-queued by another worker's heartbeat check while it ran here" in out
+    counted = sorted(t.number for t in trials if t.state in COUNTED)
+    assert len(counted) == 3 and trials[victim].state == TrialState.FAIL
+    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim]
+    assert len(retried) == 1 and retried[0].params == trials[victim].params  # re-queued once, not twice
+    _, runs = mlflow_runs(Path.cwd(), "cut")
+    finished = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs
+                      if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED"))
+    assert finished == counted
 
 
 def test_a_worker_waits_for_a_restarting_database(pg_study, monkeypatch, capsys):
