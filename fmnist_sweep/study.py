@@ -196,8 +196,10 @@ def make_sampler(sweep: Sweep, seed: int):
                                                                       if k not in ("name", "seed")}, seed=seed)
         return _build({**spec, "seed": seed}, SAMPLERS, "sampler")
 
-    if spec.get("seed") is None:
-        return build(None)
+    if spec.get("seed") is None or spec.get("name") == "grid":
+        # The grid's seed shuffles the grid: its workers need the same one, and give trial k
+        # grid point k (Optuna's GridSampler: no two workers draw one point).
+        return build(spec.get("seed"))
     build(spec["seed"])  # a bad sampler spec is an error now, not at the first trial
     return WorkerSeededSampler(build, spec["seed"])
 
@@ -210,7 +212,8 @@ class WorkerSeededSampler(optuna.samplers.BaseSampler):
     twice; a resumed study drew its first trials again). This builds the real sampler at
     the worker's first trial, seeded with seed + that trial's number — unique per worker,
     and the same on a re-run (a one-worker study on a fresh storage draws what the plain
-    seeded sampler draws)."""
+    seeded sampler draws). Not for the grid sampler, whose seed orders the grid: its
+    workers share one (make_sampler)."""
 
     def __init__(self, build, seed: int):
         self._build, self._seed, self._sampler = build, seed, None

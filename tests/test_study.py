@@ -266,6 +266,25 @@ def test_resume_adds_more_and_refuses_a_changed_space(tiny_overrides, workdir, t
     assert len([r for r in runs if r.data.tags.get("fmnist.role") == "study"]) == 1
 
 
+def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdir, tmp_path):
+    """A grid's seed orders the grid, so the workers of a grid study share it (trial k is
+    point k): seeded per worker like the other samplers, two workers ran some points twice
+    and never ran others."""
+    sweep = sweep_file(tmp_path, """
+        objective: val/accuracy
+        sampler: {name: grid}
+        params:
+          optimizer.lr: choice(0.001, 0.002, 0.003, 0.004)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
+    proc = subprocess.run([sys.executable, "-m", "fmnist_sweep", "workers", "-n", "2", f"sweep={sweep}",
+                           *tiny_overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[w1]" in proc.stdout
+    done = [t for t in trials(workdir, "mine") if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["optimizer.lr"] for t in done) == [0.001, 0.002, 0.003, 0.004]
+
+
 def test_killed_study_resumes_to_exactly_n_trials(tiny_overrides, workdir, tmp_path):
     sweep = lr_sweep(tmp_path, 4)
     args = [sys.executable, "-m", "fmnist_sweep", f"sweep={sweep}", *tiny_overrides, "trainer.epochs=6",
