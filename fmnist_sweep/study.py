@@ -196,12 +196,15 @@ def make_sampler(sweep: Sweep, seed: int):
                                                                       if k not in ("name", "seed")}, seed=seed)
         return _build({**spec, "seed": seed}, SAMPLERS, "sampler")
 
-    if spec.get("seed") is None or spec.get("name") == "grid":
-        # The grid's seed shuffles the grid: its workers need the same one, and give trial k
-        # grid point k (Optuna's GridSampler: no two workers draw one point).
-        return build(spec.get("seed"))
-    build(spec["seed"])  # a bad sampler spec is an error now, not at the first trial
+    sampler = build(spec.get("seed"))  # a bad sampler spec is an error now, not at the first trial
+    if spec.get("seed") is None or isinstance(sampler, SHARED_SEED):
+        return sampler
     return WorkerSeededSampler(build, spec["seed"])
+
+
+# Samplers whose workers coordinate through the study and need one seed in all of them:
+# the grid's seed orders the grid (trial k runs point k), QMC's scrambles its sequence.
+SHARED_SEED = (optuna.samplers.GridSampler, optuna.samplers.QMCSampler)
 
 
 class WorkerSeededSampler(optuna.samplers.BaseSampler):
@@ -212,8 +215,8 @@ class WorkerSeededSampler(optuna.samplers.BaseSampler):
     twice; a resumed study drew its first trials again). This builds the real sampler at
     the worker's first trial, seeded with seed + that trial's number — unique per worker,
     and the same on a re-run (a one-worker study on a fresh storage draws what the plain
-    seeded sampler draws). Not for the grid sampler, whose seed orders the grid: its
-    workers share one (make_sampler)."""
+    seeded sampler draws). Not for the samplers whose workers coordinate through the
+    study with one seed (SHARED_SEED: grid, QMC)."""
 
     def __init__(self, build, seed: int):
         self._build, self._seed, self._sampler = build, seed, None
