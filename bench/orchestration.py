@@ -15,7 +15,9 @@ median per-trial time is printed with its split and as a share of a 30-second tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import io
 import os
 import re
 import statistics
@@ -133,7 +135,13 @@ def measure(label: str, overrides: list[str], trials: int, epochs: int) -> dict:
     study._after_trial = stamp
     SPENT.clear()
     stamps.append((time.perf_counter(), {}))
-    study.optimize()
+    log = io.StringIO()  # the study's own lines (one per trial) would break up the table
+    try:
+        with contextlib.redirect_stdout(log):
+            study.optimize()
+    except BaseException:
+        print(log.getvalue(), end="")
+        raise
     # Per trial: the interval between consecutive trial ends; the first trial is warm-up.
     per = []
     for (t0, s0), (t1, s1) in zip(stamps[1:], stamps[2:]):

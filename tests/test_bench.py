@@ -72,6 +72,7 @@ def test_orchestration_quick(workdir):
     assert "start-up" in out and "no-op Optuna objective" in out
     assert re.search(r"exit, last output line -> process gone .*: [0-9.]+ s; baseline, .*: [0-9.]+ s", out)
     assert any(line.startswith("sqlite + local") and line.rstrip().endswith("%") for line in out.splitlines())
+    assert "trial 0: COMPLETE" not in out  # the studies' own lines stay out of the table
 
 
 def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
