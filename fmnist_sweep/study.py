@@ -373,6 +373,7 @@ class Study:
         self._taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
         self._cut: int | None = None  # a trial whose training stopped on a cut connection
         self._run: tuple[int, str] | None = None  # (trial number, MLflow run) of the last objective call
+        # (set as soon as the run exists: before the trial's mlflow_run_id attribute, which a cut can stop)
         self._lost = 0  # storage connections lost since the last finished trial
 
     # --- MLflow ---------------------------------------------------------------------------------
@@ -608,10 +609,8 @@ class Study:
             try:
                 if trial.state == TrialState.RUNNING:
                     storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                run_id = trial.user_attrs.get("mlflow_run_id") or (
-                    self._run[1] if self._run and self._run[0] == trial.number else None)
-                if run_id:  # its result, if any, never reached the study: the run says so
-                    self.tracker.log(run_id, {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
+                if self._run and self._run[0] == trial.number:  # its run's result never reached the study
+                    self.tracker.log(self._run[1], {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
                 retry = storage.get_heartbeat_stale_trial_callback()
                 if retry is not None:
                     retry(self.optuna, copy.deepcopy(storage.get_trial(trial_id)))
