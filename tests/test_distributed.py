@@ -71,10 +71,21 @@ def check_exact(d, n):
     assert len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    finished = [r for r in children if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED")]
-    numbers = [int(r.data.tags["optuna.trial_number"]) for r in finished]
-    assert sorted(numbers) == sorted(t.number for t in counted)  # one run per trial, none twice
+    assert finished_runs(children) == sorted(t.number for t in counted)  # one run per trial, none twice
     return ts, children
+
+
+def finished_runs(runs) -> list[int]:
+    """Trial numbers of the MLflow runs that say their trial counted (COMPLETE or PRUNED)."""
+    return sorted(int(r.data.tags["optuna.trial_number"]) for r in runs
+                  if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED"))
+
+
+def _enqueue_a_duplicate(pg_database):
+    """Study "cut" whose trial 1 repeats trial 0's parameters: it is a duplicate."""
+    study = optuna.create_study(study_name="cut", storage=pg_database, direction="maximize")
+    for _ in range(2):
+        study.enqueue_trial({"optimizer.lr": 1e-3})
 
 
 def test_four_workers_finish_exactly_the_budget(dist):
@@ -283,9 +294,7 @@ def test_a_cut_while_storing_a_trials_run_leaves_no_run_saying_complete(where, p
     make duplicates)."""
     from tests.conftest import mlflow_runs
 
-    study = optuna.create_study(study_name="cut", storage=pg_database, direction="maximize")
-    for _ in range(2):  # trial 1 repeats trial 0's parameters: it is a duplicate
-        study.enqueue_trial({"optimizer.lr": 1e-3})
+    _enqueue_a_duplicate(pg_database)
     real, cuts = optuna.trial.Trial.set_user_attr, []
 
     def cut_once(trial, key, value):
@@ -306,9 +315,7 @@ def test_a_cut_while_storing_a_trials_run_leaves_no_run_saying_complete(where, p
     counted = sorted(t.number for t in trials if t.state in COUNTED)
     assert len(counted) == 3
     _, runs = mlflow_runs(Path.cwd(), "cut")
-    finished = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs
-                      if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED"))
-    assert finished == counted
+    assert finished_runs(runs) == counted
     run = next(r for r in runs if r.data.tags.get("optuna.trial_number") == str(cut.number))
     assert run.data.tags["optuna.state"] == "FAIL"
     assert "storage connection was lost" in run.data.tags["fmnist.failure"]
@@ -382,9 +389,7 @@ def test_a_trial_another_worker_took_over_does_not_stop_this_worker(where, pg_st
 
         monkeypatch.setattr(optuna.trial.Trial, "report", report)
     else:
-        study = optuna.create_study(study_name="cut", storage=pg_database, direction="maximize")
-        for _ in range(2):  # trial 1 repeats trial 0's parameters: it is a duplicate
-            study.enqueue_trial({"optimizer.lr": 1e-3})
+        _enqueue_a_duplicate(pg_database)
         real_set = optuna.trial.Trial.set_user_attr
 
         def set_user_attr(trial, key, value):
@@ -402,9 +407,7 @@ def test_a_trial_another_worker_took_over_does_not_stop_this_worker(where, pg_st
     retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim]
     assert len(retried) == 1 and retried[0].params == trials[victim].params  # re-queued once, not twice
     _, runs = mlflow_runs(Path.cwd(), "cut")
-    finished = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs
-                      if r.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED"))
-    assert finished == counted
+    assert finished_runs(runs) == counted
 
 
 def test_a_worker_waits_for_a_restarting_database(pg_study, monkeypatch, capsys):
