@@ -195,7 +195,7 @@ def _run_study(cfg, overrides, more, fork) -> int:
         raise
     if publish:
         study.reconnecting(lambda: study_report.publish(study))
-    c, best = study.reconnecting(lambda: (study.counts(), study_report.best_trials(study)))
+    c, best = study.summary()
     print(f"\nstudy {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
           f"in {time.perf_counter() - t0:.0f} s")
     for t in best:

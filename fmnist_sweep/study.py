@@ -690,14 +690,26 @@ class Study:
             return str(Path(url[len("sqlite:///"):]).resolve())
         return url.split("@")[-1]  # no credentials on screen
 
-    def best_text(self) -> str:
+    def best_trials(self) -> list:
+        """The best trial (one objective), the Pareto front by number (several); none yet: []."""
         try:
             if len(self.sweep.objectives) == 1:
-                b = self.optuna.best_trial
-                return f"best {b.value:.4f} (trial {b.number})"
-            return f"{len(self.optuna.best_trials)} trials on the Pareto front"
+                return [self.optuna.best_trial]
+            return sorted(self.optuna.best_trials, key=lambda t: t.number)
         except ValueError:
+            return []
+
+    def best_text(self, best: list | None = None) -> str:
+        best = self.best_trials() if best is None else best
+        if not best:
             return "no complete trial yet"
+        if len(self.sweep.objectives) == 1:
+            return f"best {best[0].value:.4f} (trial {best[0].number})"
+        return f"{len(best)} trials on the Pareto front"
+
+    def summary(self) -> tuple[dict[str, int], list]:
+        """Counts per state and the best trials, read after the study (riding out a cut)."""
+        return self.reconnecting(lambda: (self.counts(), self.best_trials()))
 
 
 def _finished(counts: dict[str, int]) -> int:

@@ -44,7 +44,7 @@ def markdown(study: Study) -> str:
              f"{c['RUNNING']} running, {c['WAITING']} waiting"
              + (f", {c['SURPLUS']} surplus (asked after the budget was taken, not trained)" if c["SURPLUS"] else "")
              + ".", ""]
-    best = best_trials(study)
+    best = study.best_trials()
     if best:
         lines += ["## Best", ""]
         for t in best:
@@ -65,15 +65,6 @@ def markdown(study: Study) -> str:
                  f"{r['seconds']:.0f}" if r["seconds"] is not None else "", r["host"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def best_trials(study: Study) -> list:
-    try:
-        if len(study.sweep.objectives) == 1:
-            return [study.optuna.best_trial]
-        return sorted(study.optuna.best_trials, key=lambda t: t.number)
-    except ValueError:
-        return []
 
 
 def _most_important(study: Study, params: list[str], target, n: int = 2) -> list[str]:
@@ -165,7 +156,7 @@ def publish(study: Study) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write(study, Path(tmp))
         study.tracker.log_artifacts(study.parent_run_id, Path(tmp))
-    best = best_trials(study)
+    best = study.best_trials()
     c = study.counts()
     metrics = {"study/complete": c["COMPLETE"], "study/pruned": c["PRUNED"], "study/failed": c["FAIL"]}
     tags = {}

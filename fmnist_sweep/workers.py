@@ -86,7 +86,7 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
             p.wait()
         raise
     study.reconnecting(lambda: study_report.publish(study))
-    c, best = study.reconnecting(lambda: (study.counts(), study.best_text()))
+    c, best = study.summary()
     print(f"study {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed; "
-          f"worker exit codes {codes}; {best}")
+          f"worker exit codes {codes}; {study.best_text(best)}")
     return max(codes)

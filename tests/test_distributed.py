@@ -592,7 +592,7 @@ def test_a_database_lost_after_the_last_trial_is_ridden_out_too(pg_study, monkey
 
     monkeypatch.setattr(study_module.Study, "_end_orphans", end_orphans)
     _cut_first_calls(monkeypatch, study_report, "publish")
-    published, real_publish, real_best = [], study_report.publish, study_report.best_trials
+    published, real_publish, real_best = [], study_report.publish, study_module.Study.best_trials
 
     def publish(study):
         real_publish(study)
@@ -605,7 +605,7 @@ def test_a_database_lost_after_the_last_trial_is_ridden_out_too(pg_study, monkey
         return real_best(study)
 
     monkeypatch.setattr(study_report, "publish", publish)
-    monkeypatch.setattr(study_report, "best_trials", best_trials)
+    monkeypatch.setattr(study_module.Study, "best_trials", best_trials)
     code, trials, _ = pg_study()
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err
