@@ -17,7 +17,7 @@ the pruner may act (its n_startup_trials).
 Two live arms with different pruning also sample different trials (TPE learns from
 what was pruned), so on a small experiment their difference is mostly which lucky
 configuration each happened to draw. The replay separates the pruner from that luck:
-each pruner (built by fmnist_sweep.study.make_pruner, as a sweep would build it)
+each pruner (built by fmnist_sweep.sweep.make_pruner, as a sweep would build it)
 watches the unpruned TPE arm's recorded learning curves epoch by epoch, in trial
 order, in an in-memory Optuna study, and stops what it would have stopped; the same
 trials, so the epochs it saves are pruning's alone.
@@ -100,7 +100,7 @@ def replay(trials, sweep, epochs, pruner_spec):
 
     import optuna
 
-    from fmnist_sweep.study import make_pruner
+    from fmnist_sweep.sweep import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = make_pruner(dataclasses.replace(sweep, pruner=pruner_spec), epochs)

@@ -118,6 +118,9 @@ def entry() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .workers import pin_to_cores
+
+    pin_to_cores()
     verbose = "--verbose" in argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if "-h" in argv or "--help" in argv:
         print(USAGE)
@@ -176,7 +179,7 @@ def _run_one(cfg, overrides, verbose) -> int:
 
 def _run_study(cfg, overrides, more, fork) -> int:
     from . import study_report
-    from .study import Study
+    from .study import Study, states
     from .tracking import local_uri
 
     t0 = time.perf_counter()
@@ -184,6 +187,8 @@ def _run_study(cfg, overrides, more, fork) -> int:
     publish = "FMNIST_WORKER" not in os.environ  # under `workers`, the launcher publishes once
     try:
         study.optimize(more)
+    except KeyboardInterrupt:
+        raise  # one line (main); the next run resumes and reports
     except BaseException:
         if publish:  # what the study has so far; never in place of the error that stopped it
             try:
@@ -196,8 +201,7 @@ def _run_study(cfg, overrides, more, fork) -> int:
     if publish:
         study.reconnecting(lambda: study_report.publish(study))
     c, best = study.summary()
-    print(f"\nstudy {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed "
-          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"\nstudy {study.name}: {states(c)} in {time.perf_counter() - t0:.0f} s")
     for t in best:
         values = ", ".join(f"{m} {v:.4f}" for (m, _), v in zip(study.sweep.objectives, t.values))
         print(f"best trial {t.number}: {values}\n  re-run: python -m fmnist_sweep {t.user_attrs.get('overrides', '')}")

@@ -10,7 +10,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from .study import Study
+from .errors import UserError
+from .study import Study, states
 
 
 def trial_rows(study: Study) -> list[dict]:
@@ -23,7 +24,6 @@ def trial_rows(study: Study) -> list[dict]:
                      "overrides": t.user_attrs.get("overrides", ""),
                      "host": t.user_attrs.get("host", ""), "device": t.user_attrs.get("device", ""),
                      "duplicate_of": t.user_attrs.get("duplicate_of"),
-                     "surplus": t.user_attrs.get("fmnist.surplus", False),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id", "")})
     return rows
 
@@ -40,10 +40,7 @@ def markdown(study: Study) -> str:
     lines = [f"# Study `{study.name}`", "",
              f"Sweep `sweeps/{study.sweep.name}.yaml`; objective: "
              + ", ".join(f"{d} {m}" for m, d in objectives) + f"; budget {study.n_trials} trials.", "",
-             f"Trials: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, "
-             f"{c['RUNNING']} running, {c['WAITING']} waiting"
-             + (f", {c['SURPLUS']} surplus (asked after the budget was taken, not trained)" if c["SURPLUS"] else "")
-             + ".", ""]
+             f"Trials: {states(c)}, {c['RUNNING']} running, {c['WAITING']} waiting.", ""]
     best = study.best_trials()
     if best:
         lines += ["## Best", ""]
@@ -56,8 +53,6 @@ def markdown(study: Study) -> str:
     header = ["trial", "state", *(m for m, _ in objectives), *keys, "seconds", "host"]
     lines += ["## Trials", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        if r["surplus"]:
-            continue
         values = r["values"] or [None] * len(objectives)
         cells = [str(r["number"]), r["state"] + (f" (= {r['duplicate_of']})" if r["duplicate_of"] is not None else ""),
                  *(_fmt(v) if v is not None else "" for v in values),
@@ -85,6 +80,8 @@ def _plots(study: Study):
     vis, mvis = optuna.visualization, optuna.visualization.matplotlib
     objectives = study.sweep.objectives
     complete = [t for t in study.optuna.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:  # nothing to draw yet
+        return []
     params = {k for t in complete for k in t.params}
     n_params = len(params)
     # A contour over a parameter that never changed is an empty panel (and an Optuna warning).
@@ -153,6 +150,9 @@ def write(study: Study, out: Path) -> list[str]:
 
 def publish(study: Study) -> None:
     """Refresh the parent run: artifacts, and the best trial's params (tags) and values (metrics)."""
+    if study.parent_run_id is None:
+        raise UserError(f"study '{study.name}' has no MLflow parent run in {study.tracker.uri}: "
+                        "check tracking.uri (the store its workers used)")
     with tempfile.TemporaryDirectory() as tmp:
         write(study, Path(tmp))
         study.tracker.log_artifacts(study.parent_run_id, Path(tmp))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -53,15 +55,28 @@ def sqlite_wal(path: Path) -> None:
         db.execute("PRAGMA journal_mode=WAL")
 
 
+@contextmanager
+def first_creates(path: Path):
+    """Hold an exclusive lock beside the local store ``path`` while opening it: of processes
+    started together on a fresh store, one creates its schema and the others then open it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _sync_at_checkpoints(dbapi_connection, record) -> None:
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def sync_at_checkpoints(engine) -> None:
     """``engine``'s SQLite connections sync the log at checkpoints, not at every commit
-    (synchronous=NORMAL, safe in WAL mode): each commit was an fsync, a third of an
-    epoch's log_batch (5-6.5 -> 3.5 ms on machine H). The database stays consistent; a
-    power cut (not a killed process) may lose its last commits."""
+    (synchronous=NORMAL, safe in WAL mode): an fsync per commit is a large share of an
+    epoch's logging. The database stays consistent; a power cut (not a killed process)
+    may lose its last commits."""
     from sqlalchemy import event
 
     if not event.contains(engine, "connect", _sync_at_checkpoints):
@@ -72,41 +87,78 @@ def sync_at_checkpoints(engine) -> None:
 class Tracker:
     """One MLflow experiment; starts runs and writes them in batches."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None, create: bool = True):
+        """``create=False`` (read-only commands) neither makes the store nor the experiment:
+        ``experiment_id`` is then None where there is none."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = local_uri(uri)
-        local = self.uri.startswith("sqlite:///")
-        if local:
-            sqlite_wal(Path(self.uri[len("sqlite:///"):]))
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = None
+        path = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
         try:
-            if local and (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
-                sync_at_checkpoints(engine)
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                # One artifact folder per experiment (= per study), as MLflow's own default does.
-                location = ((Path(artifact_root).expanduser().resolve() / experiment).as_uri()
-                            if artifact_root else None)
-                try:
-                    # The kind makes MLflow's UI open the experiment as model training, not GenAI.
-                    self.experiment_id = self.client.create_experiment(
-                        experiment, artifact_location=location,
-                        tags={"mlflow.experimentKind": "custom_model_development"})
-                except MlflowException:  # another process created it first
-                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-            else:
-                self.experiment_id = exp.experiment_id
+            if path is None:
+                self.experiment_id = self._experiment(experiment, artifact_root, create)
+            elif create or path.exists():
+                with first_creates(path):  # processes starting together: one migrates a fresh store
+                    sqlite_wal(path)
+                    if (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
+                        sync_at_checkpoints(engine)
+                    self.experiment_id = self._experiment(experiment, artifact_root, create)
         except MlflowException as e:
-            text = str(e)
-            reason = next((r for r in ("Connection refused", "timed out", "Name or service not known",
-                                       "No route to host") if r in text), None)
-            if reason and self.uri.startswith("http"):
-                raise UserError(f"MLflow tracking server {self.uri} is unreachable ({reason.lower()}). Fix: start "
-                                "it, or point $MLFLOW_TRACKING_URI at it; tracking=local needs no server.") from None
-            raise UserError(f"MLflow tracking store {self.uri} is not usable: {text.splitlines()[0][:300]}. "
-                            "Fix: check tracking.uri / $MLFLOW_TRACKING_URI.") from None
+            raise UserError(_unusable(self.uri, str(e))) from None
+
+    def _experiment(self, name: str, artifact_root: str | None, create: bool) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None or not create:
+            return exp.experiment_id if exp is not None else None
+        # One artifact folder per experiment (= per study), as MLflow's own default does.
+        location = (Path(artifact_root).expanduser().resolve() / name).as_uri() if artifact_root else None
+        try:
+            # The kind makes MLflow's UI open the experiment as model training, not GenAI.
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
+        except MlflowException:  # another process (on a tracking server) created it first
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def parent_run(self, study: str, start: dict | None = None) -> str | None:
+        """The study's one parent run, found by its tags. With ``start`` (name, params, tags)
+        a missing one is made, and a found one set RUNNING again (a resumed study); where
+        processes race to make it, the oldest wins and the others delete theirs."""
+        query = f"tags.`fmnist.role` = 'study' and tags.`optuna.study` = '{study}'"
+
+        def oldest():
+            if self.experiment_id is None:
+                return None
+            runs = self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time ASC"],
+                                           max_results=1)
+            return runs[0].info.run_id if runs else None
+
+        run_id = oldest()
+        if start is None:
+            return run_id
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run_id = self.start(start["name"], start["params"], {**start["tags"], "fmnist.role": "study",
+                                                               "optuna.study": study})
+        if (first := oldest()) != run_id:
+            self.client.delete_run(run_id)
+        return first
+
+    def end_orphans(self, study: str, states: dict, reason: str) -> None:
+        """End KILLED the RUNNING runs of this study's trials that are no longer running in
+        Optuna (``states``: trial number -> TrialState), with ``reason``."""
+        query = f"attributes.status = 'RUNNING' and tags.`optuna.study` = '{study}'"
+        for run in self.client.search_runs([self.experiment_id], query):
+            number = run.data.tags.get("optuna.trial_number")
+            state = states.get(int(number)) if number is not None else None
+            if state is not None and state.is_finished():
+                self.log(run.info.run_id, {}, tags={"optuna.state": state.name, "fmnist.failure": reason})
+                self.end(run.info.run_id, "KILLED")
 
     def start(self, name: str, params: dict, tags: dict, parent_run_id: str | None = None) -> str:
         from mlflow.entities import Param
@@ -161,3 +213,13 @@ def resolve_checkpoint(ref: str | None, tracking_uri: str) -> str | None:
                             f"({str(e).splitlines()[0]}).") from None
     raise UserError(f"model.pretrained={ref}: no such file, and not an MLflow run id. "
                     "Fix: give the path of an autoencoder state_dict.pt or the run id of an autoencoder run.")
+
+
+def _unusable(uri: str, text: str) -> str:
+    """One line for a tracking store or server that cannot be used."""
+    reason = next((r for r in ("Connection refused", "timed out", "Name or service not known",
+                               "No route to host") if r in text), None)
+    if reason and uri.startswith("http"):
+        return (f"MLflow tracking server {uri} is unreachable ({reason.lower()}). Fix: start "
+                "it, or point $MLFLOW_TRACKING_URI at it; tracking=local needs no server.")
+    return f"MLflow tracking store {uri} is not usable: {text.splitlines()[0][:300]}. Fix: check tracking.uri / $MLFLOW_TRACKING_URI."

@@ -10,11 +10,19 @@ import threading
 
 from .errors import UserError
 
+CORES = "FMNIST_CORES"  # the CPU cores a worker started by launch() runs on
+
+
+def pin_to_cores() -> None:
+    """A worker started by launch() keeps to its cores: set here, in the worker itself,
+    since a pre-exec hook in a process that runs threads can deadlock."""
+    if os.environ.get(CORES):
+        os.sched_setaffinity(0, [int(c) for c in os.environ[CORES].split(",")])
+
 
 def default_workers(per_gpu: int, gpus: int, cores: list[int]) -> int:
-    """Without -n: every GPU slot, else one 1-thread worker per core. On 2 cores,
-    bench/workers.py measured 2 workers x 1 thread at 1.09x-1.34x the trials/hour of
-    1 worker x 2 threads on real-size trials (small convs scale poorly across threads)."""
+    """Without -n: every GPU slot, else one 1-thread worker per core (small convolutions
+    scale poorly across threads: bench/workers.py measures it)."""
     return gpus * per_gpu if gpus else len(cores)
 
 
@@ -37,7 +45,7 @@ def layout(n: int, per_gpu: int, gpus: int, cores: list[int]) -> list[dict]:
     for i in range(n):
         mine = cores[i * share:(i + 1) * share] or [cores[i % len(cores)]]
         env = {"OMP_NUM_THREADS": str(len(mine)), "MKL_NUM_THREADS": str(len(mine)),
-               "FMNIST_WORKER": str(i)}
+               "FMNIST_WORKER": str(i), CORES: ",".join(map(str, mine))}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i // per_gpu)
         slots.append({"env": env, "cores": mine})
@@ -56,7 +64,7 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
     import torch
 
     from . import study_report
-    from .study import Study
+    from .study import Study, states
 
     study = Study(cfg, overrides)
     target = study.n_trials if more is None else study.finished() + more
@@ -70,11 +78,9 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
     args = [sys.executable, "-m", "fmnist_sweep",
             *[o for o in overrides if not o.startswith("study.n_trials=")], f"study.n_trials={target}"]
     procs = []
-    for i, slot in enumerate(slots):
-        cores_i = slot["cores"]
+    for i, slot in enumerate(slots):  # each pins itself to its cores (pin_to_cores)
         p = subprocess.Popen(args, env={**os.environ, **slot["env"]}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, bufsize=1,
-                             preexec_fn=lambda c=cores_i: os.sched_setaffinity(0, c))
+                             stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=_pump, args=(p.stdout, f"[w{i}] "), daemon=True).start()
         procs.append(p)
     try:
@@ -87,6 +93,5 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
         raise
     study.reconnecting(lambda: study_report.publish(study))
     c, best = study.summary()
-    print(f"study {study.name}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed; "
-          f"worker exit codes {codes}; {study.best_text(best)}")
+    print(f"study {study.name}: {states(c)}; worker exit codes {codes}; {study.best_text(best)}")
     return max(codes)

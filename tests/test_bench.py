@@ -93,7 +93,7 @@ def test_sweep_efficiency_replay_prunes_what_the_pruner_would():
     epoch, charging the epochs it ran."""
     import optuna
 
-    from fmnist_sweep.study import Sweep
+    from fmnist_sweep.sweep import Sweep
 
     mod = bench_module("sweep_efficiency")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}

@@ -56,7 +56,7 @@ def test_single_run_presets_train_one_short_epoch(preset, tiny_overrides, workdi
 
 @pytest.mark.parametrize("preset", AE_PRESETS)
 def test_autoencoder_presets_are_grid_studies_over_one_factor_and_seeds(preset, tiny_overrides, workdir):
-    from fmnist_sweep.study import load_sweep
+    from fmnist_sweep.sweep import load_sweep
 
     sweep = load_sweep(preset)
     assert sweep.sampler["name"] == "grid" and "seed" in sweep.space.text

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
-from fmnist_sweep.study import load_sweep, sweep_names
+from fmnist_sweep.sweep import load_sweep, sweep_names
 from tests.conftest import mlflow_runs
 
 
@@ -84,7 +84,7 @@ def test_local_stores_are_in_wal_mode_and_sync_at_checkpoints(tiny_overrides, wo
     """The embedded default's two SQLite stores (Optuna's study, MLflow's runs): WAL, so
     workers on one machine read while another writes, and an fsync per checkpoint rather
     than per commit (an epoch's metrics are one commit)."""
-    from fmnist_sweep.study import make_storage
+    from fmnist_sweep.storage import make_storage
     from fmnist_sweep.tracking import Tracker
 
     cfg = compose(tiny_overrides + ["+experiment=quickstart"])
@@ -435,7 +435,7 @@ def test_finalize_retrains_best_over_seeds_tests_once_and_registers(tiny_overrid
                                      "_target_: optuna.samplers.QMCSampler"])
 @pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "hyperband", "none"])
 def test_every_sampler_and_pruner_drives_a_study(sampler, pruner, tmp_path):
-    from fmnist_sweep.study import load_sweep, make_pruner, make_sampler
+    from fmnist_sweep.sweep import load_sweep, make_pruner, make_sampler
 
     spec = f"{{{sampler}}}" if sampler.startswith("_target_") else f"{{name: {sampler}}}"
     sweep = load_sweep(str(sweep_file(tmp_path, f"""
@@ -461,7 +461,7 @@ def test_every_sampler_and_pruner_drives_a_study(sampler, pruner, tmp_path):
 
     study.optimize(objective, n_trials=4)
     # every worker of a study seeds its own draws, but a grid's or QMC's workers share one seed
-    from fmnist_sweep.study import WorkerSeededSampler
+    from fmnist_sweep.sweep import WorkerSeededSampler
 
     shared = sampler == "grid" or "QMC" in sampler
     assert isinstance(study.sampler, WorkerSeededSampler) != shared
