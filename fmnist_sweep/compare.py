@@ -132,7 +132,7 @@ def gather(names: list[str], where: list[str]):
                   if r.data.tags.get("fmnist.role") == "final" and r.info.status == "FINISHED"]
         entries += study_entries + finals
         failed = [t.params for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                  if not t.user_attrs.get("fmnist.surplus")]
+                  if study.counts([t])["FAIL"]]  # not an interrupted one
         studies.append({"name": name, "objective": study.sweep.objectives[0], "trials": study_entries,
                         "failed": failed,
                         "client": study.tracker.client})

@@ -5,6 +5,7 @@ the first process creates a fresh store while the others wait for it."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from optuna.trial import TrialState
 
 from .errors import UserError
 from .tracking import first_creates, sqlite_wal, sync_at_checkpoints
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
 
 # What a cut connection to the study storage raises (Optuna wraps some as StorageInternalError).
 CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
@@ -85,6 +88,11 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
+def retry_callback(cfg_storage: DictConfig) -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's retry: a failed trial's parameters re-queued, at most storage.max_retry times."""
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg_storage.max_retry)
+
+
 def make_storage(cfg_storage: DictConfig):
     """The study storage the config names: an RDB URL with heartbeats, or a journal file."""
     if "url" not in cfg_storage:
@@ -94,7 +102,8 @@ def make_storage(cfg_storage: DictConfig):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     url, path = cfg_storage.url, sqlite_path(cfg_storage.url)
-    kwargs = dict(heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period)
+    kwargs = dict(heartbeat_interval=cfg_storage.heartbeat_interval, grace_period=cfg_storage.grace_period,
+                  heartbeat_stale_trial_callback=retry_callback(cfg_storage))
     try:
         if path is not None:
             with first_creates(path):

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from . import train
 from .config import compose, config_fingerprint, flat_keys
 from .errors import StorageLost, UserError
-from .storage import CONNECTION_ERRORS, connection_error, make_storage, sqlite_path
+from .storage import CONNECTION_ERRORS, connection_error, make_storage, retry_callback, sqlite_path
 from .sweep import load_sweep, make_pruner, make_sampler
 from .tracking import Tracker
 
@@ -109,7 +109,7 @@ class Study:
         self.parent_run_id = self.tracker.parent_run(self.name, None if read_only else self._parent_spec())
         self.host, self.process = socket.gethostname(), _process_id()
         self.device = train.device_label(cfg.trainer.device)
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.storage.max_retry)
+        self.retry = retry_callback(cfg.storage)
         self._keys_cache: dict[tuple[str, ...], frozenset[str]] = {}
         self._runs: dict[int, str] = {}  # trial number -> the MLflow run this process made for it
         self._current: int | None = None  # the trial this process is running

@@ -94,15 +94,18 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = local_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = None
         path = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
         try:
             if path is None:
+                self.client = MlflowClient(tracking_uri=self.uri)
                 self.experiment_id = self._experiment(experiment, artifact_root, create)
-            elif create or path.exists():
+            elif not create and not path.exists():
+                self.client = MlflowClient(tracking_uri=self.uri)
+            else:
                 with first_creates(path):  # processes starting together: one migrates a fresh store
                     sqlite_wal(path)
+                    self.client = MlflowClient(tracking_uri=self.uri)
                     if (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
                         sync_at_checkpoints(engine)
                     self.experiment_id = self._experiment(experiment, artifact_root, create)

@@ -1,47 +1,12 @@
 """Shared fixtures: tiny IDX files written by the tests, and the real config shrunk."""
 
-import gzip
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from fmnist_sweep.data import FILES
-
-REAL_DATA = Path(os.environ.get("FMNIST_REAL_DATA", "/usr/share/datasets/fashion-mnist"))
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(folder: Path, n_train_per_class=20, n_test_per_class=6, seed=0) -> dict[str, str]:
-    """Four gzipped IDX files of learnable fake images: each class is a bright
-    horizontal band at its own height, plus noise. Returns their SHA-256 table."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    checksums = {}
-
-    def images_for(labels):
-        x = rng.integers(0, 60, size=(len(labels), 28, 28))
-        for i, c in enumerate(labels):
-            x[i, 2 + 2 * c: 5 + 2 * c, :] = 230
-        return x
-
-    arrays = {}
-    for split, per_class in (("train", n_train_per_class), ("test", n_test_per_class)):
-        labels = rng.permutation(np.repeat(np.arange(10), per_class))
-        arrays[f"{split}_images"] = images_for(labels)
-        arrays[f"{split}_labels"] = labels
-    for key, (name, _) in FILES.items():
-        raw = idx_bytes(arrays[key])
-        (folder / name).write_bytes(gzip.compress(raw))
-        checksums[name] = hashlib.sha256(raw).hexdigest()
-    return checksums
+from tests.helpers import free_port, wait_http, write_idx
 
 
 @pytest.fixture
@@ -87,15 +52,6 @@ def tiny_overrides(tiny_data, workdir, migrated_mlflow_db) -> list[str]:
             "trainer.threads=1"]
 
 
-def mlflow_runs(workdir: Path, experiment="fmnist-sweep"):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, "no MLflow experiment was created"
-    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-
-
 # --- PostgreSQL and a real `mlflow server` (the distributed path) -----------------------------
 PG_ENV = "FMNIST_TEST_PG_URL"  # set by .ci/run; where it is set these tests must run
 
@@ -131,31 +87,6 @@ def _database():
     finally:
         conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.close()
-
-
-def wait_http(url: str, proc, seconds: float = 120, what: str = "server") -> None:
-    """Until ``url`` answers, or fail if ``proc`` exits or time runs out."""
-    import time
-    import urllib.request
-
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise AssertionError(f"{what} did not answer at {url}")
-            time.sleep(0.5)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.conftest import free_port, wait_http
+from tests.helpers import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the screenshot goes: a CI artifact folder (git-ignored).

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from fmnist_sweep import data
 from fmnist_sweep.data import FILES, DataError, read_idx
-from tests.conftest import idx_bytes, write_idx
+from tests.helpers import idx_bytes, write_idx
 
 
 def data_cfg(**kw):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fmnist_sweep.data import FILES
-from tests.conftest import REAL_DATA, mlflow_runs
+from tests.helpers import REAL_DATA, mlflow_runs
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from fmnist_sweep.config import compose
 from fmnist_sweep.data import augment
 from fmnist_sweep.models import count_params
 from fmnist_sweep.models.resnet import ResNet
-from tests.conftest import mlflow_runs
-from tests.test_study import storage, sweep_file
+from tests.helpers import mlflow_runs
+from tests.helpers import storage, sweep_file
 
 SINGLE_PRESETS = {"keras_cnn": "cnn", "keras_rnn": "rnn", "keras_bilstm": "bilstm"}
 AE_PRESETS = ["torch_ae_latent", "torch_ae_dropout", "torch_ae_lr", "torch_ae_optimizer", "torch_ae_output",

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose
 from fmnist_sweep.train import run
-from tests.conftest import mlflow_runs
+from tests.helpers import mlflow_runs
 
 
 def artifact_paths(client, run_id, path=None):

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 import time
 
@@ -17,32 +16,7 @@ from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.sweep import load_sweep, sweep_names
-from tests.conftest import mlflow_runs
-
-
-def storage(workdir):
-    return f"sqlite:///{workdir / 'studies.db'}"
-
-
-def trials(workdir, name):
-    return optuna.load_study(study_name=name, storage=storage(workdir)).trials
-
-
-def sweep_file(tmp_path, text, name="mine"):
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(textwrap.dedent(text))
-    return p
-
-
-def lr_sweep(tmp_path, n_trials):
-    """The plainest study: random search over the learning rate."""
-    return sweep_file(tmp_path, f"""
-        objective: val/accuracy
-        n_trials: {n_trials}
-        sampler: {{name: random, seed: 0}}
-        params:
-          optimizer.lr: tag(log, interval(1e-4, 1e-2))
-    """)
+from tests.helpers import lr_sweep, mlflow_runs, storage, sweep_file, trials
 
 
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.conftest import free_port, wait_http
+from tests.helpers import free_port, wait_http
 
 BIN = Path(sys.executable).parent
 
