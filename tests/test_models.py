@@ -85,7 +85,8 @@ def test_every_optimizer_builds_on_model_parameters(name):
 def test_every_tracking_option_composes(name, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     cfg = compose([f"tracking={name}"])
-    assert cfg.tracking.uri.startswith(("sqlite:///", "http://127.0.0.1:5999"))
+    expected = {"local": "sqlite:///", "server": "http://127.0.0.1:5999"}[name]
+    assert cfg.tracking.uri.startswith(expected)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
