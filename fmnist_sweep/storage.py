@@ -93,6 +93,13 @@ def retry_callback(cfg_storage: DictConfig) -> optuna.storages.RetryHeartbeatSta
     return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg_storage.max_retry)
 
 
+def describe(cfg_storage: DictConfig) -> str:
+    """Where the storage is, for messages: a file path, or a URL without its credentials."""
+    url = str(cfg_storage.get("url") or cfg_storage.get("path"))
+    path = sqlite_path(url)
+    return str(path) if path is not None else url.split("@")[-1]
+
+
 def make_storage(cfg_storage: DictConfig):
     """The study storage the config names: an RDB URL with heartbeats, or a journal file."""
     if "url" not in cfg_storage:

@@ -18,22 +18,19 @@ import time
 
 import optuna
 from omegaconf import DictConfig
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from . import train
 from .config import compose, config_fingerprint, flat_keys
 from .errors import StorageLost, UserError
-from .storage import CONNECTION_ERRORS, connection_error, make_storage, retry_callback, sqlite_path
+from .recovery import CUT, Recovery
+from .storage import CONNECTION_ERRORS, describe, make_storage, retry_callback, sqlite_path
 from .sweep import load_sweep, make_pruner, make_sampler
 from .tracking import Tracker
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what fills a study's n_trials budget
-CUT = "the study storage connection was lost; the trial is re-queued"
 TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it ran here (no heartbeat "
               "reached the storage for storage.grace_period seconds)")
-DEAD = "its worker stopped (the trial is failed and re-queued)"
-INTERRUPTED = "interrupted (Ctrl-C); re-queued for the next run"
 
 
 def _not_a_trial_failure(record: logging.LogRecord) -> bool:
@@ -50,33 +47,6 @@ logging.getLogger("optuna").addHandler(_handler)
 
 class TrialFailed(Exception):
     """A trial whose run failed (diverged, crashed): the study goes on."""
-
-
-def _process_id() -> str:
-    """This process, as other workers on its machine can tell it: host, PID namespace, PID."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}:{namespace}:{os.getpid()}"
-
-
-def _is_dead(process: str | None, me: str) -> bool:
-    """Whether ``process`` (a _process_id) is this one or a process gone from this host."""
-    if not process:
-        return False
-    host, namespace, pid = process.rsplit(":", 2)
-    if process == me:
-        return True
-    if [host, namespace] != me.rsplit(":", 2)[:2]:
-        return False  # another machine or container: its heartbeat tells
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False
 
 
 def _base_overrides(overrides: list[str]) -> list[str]:
@@ -107,15 +77,13 @@ class Study:
             self._first_time_or_same_space()
         self.tracker = Tracker(cfg.tracking.uri, self.name, cfg.tracking.artifact_root, create=not read_only)
         self.parent_run_id = self.tracker.parent_run(self.name, None if read_only else self._parent_spec())
-        self.host, self.process = socket.gethostname(), _process_id()
+        self.host = socket.gethostname()
         self.device = train.device_label(cfg.trainer.device)
         self.retry = retry_callback(cfg.storage)
         self._keys_cache: dict[tuple[str, ...], frozenset[str]] = {}
-        self._runs: dict[int, str] = {}  # trial number -> the MLflow run this process made for it
-        self._current: int | None = None  # the trial this process is running
-        self._cut: int | None = None  # a trial whose objective stopped on a lost connection
-        self._taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
-        self._lost = 0  # storage connections lost since the last finished trial
+        self.runs: dict[int, str] = {}  # trial number -> the MLflow run this process made for it
+        self.recovery = Recovery(self)
+        self.reconnecting = self.recovery.reconnecting
 
     def _first_time_or_same_space(self) -> None:
         """A new study records its sweep and enqueues its starting points; an existing one
@@ -146,7 +114,7 @@ class Study:
     def objective(self, trial: optuna.Trial):
         """One trial: its values; a lost storage connection or a trial taken over by another
         worker is not the trial's failure (StorageLost: the worker re-queues it)."""
-        self._current = trial.number
+        self.recovery.current = trial.number
         try:
             return self._trial(trial)
         except StorageLost:
@@ -156,15 +124,15 @@ class Study:
                 trial.set_user_attr("fmnist.interrupted", trial.number)
             raise
         except CONNECTION_ERRORS as e:
-            self._cut = trial.number
+            self.recovery.cut = trial.number
             raise StorageLost(CUT) from e
         except optuna.exceptions.UpdateFinishedTrialError:
-            self._taken_over = trial.number
+            self.recovery.taken_over = trial.number
             raise StorageLost(TAKEN_OVER) from None
 
     def _trial(self, trial: optuna.Trial):
         trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
-        trial.set_user_attr("process", self.process)
+        trial.set_user_attr("process", self.recovery.process)
         trial.set_user_attr("host", self.host)
         trial.set_user_attr("device", self.device)
         suggested = self.sweep.space.suggest(trial, self._keys_for)
@@ -179,10 +147,10 @@ class Study:
         twin = next((t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if t.user_attrs.get("fingerprint") == fp), None)
         if twin is not None:
-            return self._reuse(trial, twin, line, tags)
-        result = train.run(cfg, line, report=self._reporter(trial), parent_run_id=self.parent_run_id, tags=tags,
+            return _reuse(self, trial, twin, line, tags)
+        result = train.run(cfg, line, report=_reporter(self, trial), parent_run_id=self.parent_run_id, tags=tags,
                            tracker=self.tracker, name=f"trial {trial.number}")
-        self._runs[trial.number] = result.run_id
+        self.runs[trial.number] = result.run_id
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if result.status == "KILLED":
             raise optuna.TrialPruned(result.message)
@@ -191,37 +159,6 @@ class Study:
             raise TrialFailed(result.message)
         values = [result.metrics[m] for m, _ in self.sweep.objectives]
         return values[0] if len(values) == 1 else values
-
-    def _reporter(self, trial: optuna.Trial):
-        """train.run's per-epoch hook: report the objective to Optuna, say whether to prune."""
-        metric = self.sweep.objectives[0][0]
-
-        def report(epoch: int, metrics: dict) -> bool:
-            if len(self.sweep.objectives) > 1 or metric not in metrics:
-                return False
-            try:
-                trial.report(metrics[metric], epoch)
-                return trial.should_prune()
-            except CONNECTION_ERRORS as e:
-                self._cut = trial.number
-                raise StorageLost(CUT) from e
-            except optuna.exceptions.UpdateFinishedTrialError as e:
-                self._taken_over = trial.number
-                raise StorageLost(TAKEN_OVER) from e
-
-        return report
-
-    def _reuse(self, trial, twin, line, tags):
-        """Same composed config as a finished trial: take its result instead of retraining."""
-        trial.set_user_attr("duplicate_of", twin.number)
-        run_id = self.tracker.start(f"trial {trial.number}", {}, {
-            **tags, "fmnist.duplicate_of_trial": twin.number, "fmnist.overrides": shlex.join(line),
-            "fmnist.duplicate_of_run": twin.user_attrs.get("mlflow_run_id", "")}, parent_run_id=self.parent_run_id)
-        self._runs[trial.number] = run_id
-        self.tracker.log(run_id, {m: v for (m, _), v in zip(self.sweep.objectives, twin.values)})
-        self.tracker.end(run_id, "FINISHED")
-        trial.set_user_attr("mlflow_run_id", run_id)
-        return twin.values[0] if len(twin.values) == 1 else twin.values
 
     def _keys_for(self, overrides: list[str]) -> frozenset[str]:
         """The config keys present with these group choices: listed once per distinct choice."""
@@ -243,107 +180,40 @@ class Study:
             print(f"study {self.name}: {done} of {self.target} trials already done; --more N adds trials")
             return
         print(f"study {self.name}: {done} of {self.target} trials done, {self.target - done} to run "
-              f"(storage {self._where()}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
-        self._t0, self._started, self._failures = time.perf_counter(), done, 0
+              f"(storage {describe(self.cfg.storage)}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
+        self._failures = 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - done)
-        callbacks = [self._after_trial, optuna.study.MaxTrialsCallback(self.target, states=COUNTED)]
+        callbacks = [self._after_trial, Progress(self, self.target),
+                     optuna.study.MaxTrialsCallback(self.target, states=COUNTED)]
         while True:
             try:
-                self._recover()
+                self.recovery.recover()
                 self.optuna.optimize(self.objective, callbacks=callbacks, catch=(TrialFailed,))
                 break
             except KeyboardInterrupt:
-                self._interrupted()
+                self.recovery.interrupted()
                 raise
             except UserError:
                 raise
             except Exception as e:
-                if self._taken_over is not None:  # Optuna cannot tell a trial already failed elsewhere
-                    print(f"trial {self._taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
-                    self._taken_over = None
+                if self.recovery.taken_over is not None:  # Optuna cannot tell a trial failed elsewhere
+                    print(f"trial {self.recovery.taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
+                    self.recovery.taken_over = None
                     continue
-                self._pause(e)
-        self.reconnecting(self._end_orphans)
+                self.recovery.pause(e)
+        self.reconnecting(self.recovery.end_orphans)
         self.tracker.end(self.parent_run_id, "FINISHED")
 
     def _after_trial(self, study, frozen) -> None:
-        """Optuna callback: the trial's MLflow run takes its final state; one line printed."""
-        self._lost = 0
-        if frozen.number in self._runs:
-            self.tracker.log(self._runs[frozen.number], {}, tags={"optuna.state": frozen.state.name})
-        self._print_trial(frozen, self.counts())
+        """Optuna callback: the trial's MLflow run takes its final state; failures are counted."""
+        self.recovery.lost = 0
+        if frozen.number in self.runs:
+            self.tracker.log(self.runs[frozen.number], {}, tags={"optuna.state": frozen.state.name})
         self._failures += frozen.state == TrialState.FAIL
         if self._failures >= self._max_failures:
             print(f"stopping: {self._failures} trials failed in this session (max_failures {self._max_failures})",
                   flush=True)
             study.stop()
-
-    def _recover(self) -> None:
-        """Fail and re-queue (Optuna's retry callback, within storage.max_retry) the trials no
-        worker will finish: this worker's own after a lost connection — the one it started,
-        the one whose objective stopped — and those of dead processes on this host. Optuna's
-        heartbeat check fails the others' a grace period after their last beat."""
-        if getattr(self.storage, "heartbeat_interval", None):
-            optuna.storages.fail_stale_trials(self.optuna)
-        held = getattr(self.storage, "held", None)
-        held = self.storage.get_trial(held).number if held is not None else None
-        trials = self.optuna.get_trials(deepcopy=False)
-        retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
-        for t in trials:
-            running = t.state == TrialState.RUNNING
-            abandoned = (running and (t.number == held or _is_dead(t.user_attrs.get("process"), self.process))
-                         or t.number == self._cut and t.state == TrialState.FAIL)
-            if not abandoned or t.number in retried:
-                continue
-            if running:
-                self.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            self.retry(self.optuna, next(u for u in self.optuna.get_trials(deepcopy=False) if u.number == t.number))
-            if t.number in self._runs:  # its result never reached the study
-                self.tracker.log(self._runs[t.number], {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
-        self._cut = None
-        if hasattr(self.storage, "held"):
-            self.storage.held = None
-        self._end_orphans()
-
-    def _end_orphans(self) -> None:
-        by_number = {t.number: t.state for t in self.optuna.get_trials(deepcopy=False)}
-        self.tracker.end_orphans(self.name, by_number, DEAD)
-
-    def _interrupted(self) -> None:
-        """Ctrl-C: the trial it stopped is re-queued and marked interrupted; the study's run KILLED."""
-        try:
-            number = self._current
-            trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == number), None)
-            if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
-                self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-                self.retry(self.optuna, trial)
-                if number in self._runs:
-                    self.tracker.log(self._runs[number], {}, tags={"optuna.state": "FAIL",
-                                                                   "fmnist.failure": INTERRUPTED})
-            self.tracker.end(self.parent_run_id, "KILLED")
-        except Exception:  # the storage is gone too: the next run's recovery retries the trial
-            pass
-
-    def _pause(self, e: Exception) -> None:
-        """After a lost storage connection: pauses that grow (storage.retry_pause seconds, twice
-        that, ... up to five times); the sixth loss in a row ends the worker with one line."""
-        cut = connection_error(e)
-        if cut is None:
-            raise e
-        self._lost += 1
-        first = str(cut).splitlines()[0] if str(cut) else type(cut).__name__
-        if self._lost > 5:
-            raise UserError(f"lost the study storage {self._where()} {self._lost} times in a row: {first}") from None
-        print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
-        time.sleep(self.cfg.storage.get("retry_pause", 2.0) * self._lost)
-
-    def reconnecting(self, fn):
-        """``fn()``, again after each lost storage connection (with the loop's pauses)."""
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                self._pause(e)
 
     # --- reading the study ------------------------------------------------------------------------
     def counts(self, trials=None) -> dict[str, int]:
@@ -357,26 +227,6 @@ class Study:
     def finished(self) -> int:
         """COMPLETE + PRUNED trials: what fills the budget."""
         return _finished(self.counts())
-
-    def _print_trial(self, frozen, c: dict[str, int]) -> None:
-        finished = _finished(c)
-        if frozen.state == TrialState.FAIL:
-            shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
-        elif frozen.state == TrialState.PRUNED:
-            value = frozen.intermediate_values.get(frozen.last_step)
-            shown = f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
-        else:
-            shown = f"{frozen.state.name} " + " ".join(
-                f"{m} {v:.4f}" for (m, _), v in zip(self.sweep.objectives, frozen.values or []))
-        rate = (time.perf_counter() - self._t0) / max(1, finished - self._started)
-        eta = rate * max(0, self.target - finished)
-        print(f"trial {frozen.number}: {shown} | {finished}/{self.target} done ({states(c)}) | "
-              f"{self.best_text()} | ETA {_duration(eta)}", flush=True)
-
-    def _where(self) -> str:
-        url = str(self.cfg.storage.get("url") or self.cfg.storage.get("path"))
-        path = sqlite_path(url)
-        return str(path) if path is not None else url.split("@")[-1]  # no credentials on screen
 
     def best_trials(self) -> list:
         """The best trial (one objective), the Pareto front by number (several); none yet: []."""
@@ -398,6 +248,62 @@ class Study:
     def summary(self) -> tuple[dict[str, int], list]:
         """Counts per state and the best trials, read after the study (riding out a cut)."""
         return self.reconnecting(lambda: (self.counts(), self.best_trials()))
+
+
+def _reporter(study: Study, trial: optuna.Trial):
+    """train.run's per-epoch hook: report the objective to Optuna, say whether to prune."""
+    metric = study.sweep.objectives[0][0]
+
+    def report(epoch: int, metrics: dict) -> bool:
+        if len(study.sweep.objectives) > 1 or metric not in metrics:
+            return False
+        try:
+            trial.report(metrics[metric], epoch)
+            return trial.should_prune()
+        except CONNECTION_ERRORS as e:
+            study.recovery.cut = trial.number
+            raise StorageLost(CUT) from e
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            study.recovery.taken_over = trial.number
+            raise StorageLost(TAKEN_OVER) from e
+
+    return report
+
+def _reuse(study: Study, trial, twin, line, tags):
+    """Same composed config as a finished trial: take its result instead of retraining."""
+    trial.set_user_attr("duplicate_of", twin.number)
+    run_id = study.tracker.start(f"trial {trial.number}", {}, {
+        **tags, "fmnist.duplicate_of_trial": twin.number, "fmnist.overrides": shlex.join(line),
+        "fmnist.duplicate_of_run": twin.user_attrs.get("mlflow_run_id", "")}, parent_run_id=study.parent_run_id)
+    study.runs[trial.number] = run_id
+    study.tracker.log(run_id, {m: v for (m, _), v in zip(study.sweep.objectives, twin.values)})
+    study.tracker.end(run_id, "FINISHED")
+    trial.set_user_attr("mlflow_run_id", run_id)
+    return twin.values[0] if len(twin.values) == 1 else twin.values
+
+
+class Progress:
+    """Optuna callback: one line per finished trial (its state, the counts, the best so far, ETA)."""
+
+    def __init__(self, study: "Study", target: int):
+        self.study, self.target = study, target
+        self.t0, self.started = time.perf_counter(), study.finished()
+
+    def __call__(self, _, frozen) -> None:
+        c = self.study.counts()
+        finished = _finished(c)
+        if frozen.state == TrialState.FAIL:
+            shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
+        elif frozen.state == TrialState.PRUNED:
+            value = frozen.intermediate_values.get(frozen.last_step)
+            shown = f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
+        else:
+            shown = f"{frozen.state.name} " + " ".join(
+                f"{m} {v:.4f}" for (m, _), v in zip(self.study.sweep.objectives, frozen.values or []))
+        rate = (time.perf_counter() - self.t0) / max(1, finished - self.started)
+        eta = rate * max(0, self.target - finished)
+        print(f"trial {frozen.number}: {shown} | {finished}/{self.target} done ({states(c)}) | "
+              f"{self.study.best_text()} | ETA {_duration(eta)}", flush=True)
 
 
 def _finished(counts: dict[str, int]) -> int:

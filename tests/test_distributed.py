@@ -37,7 +37,8 @@ def dist(tiny_overrides, workdir, pg_database, mlflow_server, tmp_path):
     d = Dist()
     d.name, d.env, d.args, d.url, d.uri, d.cwd = name, env, args, pg_database, mlflow_server, workdir
     d.cmd = [sys.executable, "-m", "fmnist_sweep"]
-    storage = optuna.storages.RDBStorage(pg_database)  # one pool for the test's many reads
+    # one pool for the test's many reads, riding out the connection cuts some tests make
+    storage = optuna.storages.RDBStorage(pg_database, engine_kwargs={"pool_pre_ping": True})
     d.trials = lambda: optuna.load_study(study_name=name, storage=storage).trials
     return d
 

@@ -1,0 +1,131 @@
+"""What a worker does when its study storage or a trial's process goes away: it pauses
+and reconnects, and fails and re-queues (Optuna's retry callback) the trials no worker
+will finish. Optuna's heartbeat check covers the rest: the trials of workers elsewhere
+that stopped beating."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from .errors import UserError
+from .storage import connection_error, describe
+
+CUT = "the study storage connection was lost; the trial is re-queued"
+DEAD = "its worker stopped (the trial is failed and re-queued)"
+INTERRUPTED = "interrupted (Ctrl-C); re-queued for the next run"
+
+
+def _process_id() -> str:
+    """This process, as other workers on its machine can tell it: host, PID namespace, PID."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}:{namespace}:{os.getpid()}"
+
+
+def _is_dead(process: str | None, me: str) -> bool:
+    """Whether ``process`` (a _process_id) is this one or a process gone from this host."""
+    if not process:
+        return False
+    host, namespace, pid = process.rsplit(":", 2)
+    if process == me:
+        return True
+    if [host, namespace] != me.rsplit(":", 2)[:2]:
+        return False  # another machine or container: its heartbeat tells
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+class Recovery:
+    """One worker's recovery state for its study: the trial it runs, the one a lost
+    connection stopped, and the connections lost since its last finished trial."""
+
+    def __init__(self, study):
+        self.study, self.process = study, _process_id()
+        self.current: int | None = None  # the trial this process is running
+        self.cut: int | None = None  # a trial whose objective stopped on a lost connection
+        self.taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
+        self.lost = 0
+
+    def recover(self) -> None:
+        """Fail and re-queue (Optuna's retry callback, within storage.max_retry) the trials no
+        worker will finish: this worker's own after a lost connection — the one it started,
+        the one whose objective stopped — and those of dead processes on this host. Optuna's
+        heartbeat check fails the others' a grace period after their last beat."""
+        s = self.study
+        if getattr(s.storage, "heartbeat_interval", None):
+            optuna.storages.fail_stale_trials(s.optuna)
+        held = getattr(s.storage, "held", None)
+        held = s.storage.get_trial(held).number if held is not None else None
+        trials = s.optuna.get_trials(deepcopy=False)
+        retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+        for t in trials:
+            running = t.state == TrialState.RUNNING
+            abandoned = (running and (t.number == held or _is_dead(t.user_attrs.get("process"), self.process))
+                         or t.number == self.cut and t.state == TrialState.FAIL)
+            if not abandoned or t.number in retried:
+                continue
+            if running:
+                s.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            s.retry(s.optuna, next(u for u in s.optuna.get_trials(deepcopy=False) if u.number == t.number))
+            if t.number in s.runs:  # its result never reached the study
+                s.tracker.log(s.runs[t.number], {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
+        self.cut = None
+        if hasattr(s.storage, "held"):
+            s.storage.held = None
+        self.end_orphans()
+
+    def end_orphans(self) -> None:
+        """This study's MLflow runs left RUNNING by trials Optuna has finished: ended KILLED."""
+        s = self.study
+        by_number = {t.number: t.state for t in s.optuna.get_trials(deepcopy=False)}
+        s.tracker.end_orphans(s.name, by_number, DEAD)
+
+    def interrupted(self) -> None:
+        """Ctrl-C: the trial it stopped is re-queued and marked interrupted; the study's run KILLED."""
+        s = self.study
+        try:
+            number = self.current
+            trial = next((t for t in s.optuna.get_trials(deepcopy=False) if t.number == number), None)
+            if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
+                s.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                s.retry(s.optuna, trial)
+                if number in s.runs:
+                    s.tracker.log(s.runs[number], {}, tags={"optuna.state": "FAIL",
+                                                                   "fmnist.failure": INTERRUPTED})
+            s.tracker.end(s.parent_run_id, "KILLED")
+        except Exception:  # the storage is gone too: the next run's recovery retries the trial
+            pass
+
+    def pause(self, e: Exception) -> None:
+        """After a lost storage connection: pauses that grow (storage.retry_pause seconds, twice
+        that, ... up to five times); the sixth loss in a row ends the worker with one line."""
+        s, cut = self.study, connection_error(e)
+        if cut is None:
+            raise e
+        self.lost += 1
+        first = str(cut).splitlines()[0] if str(cut) else type(cut).__name__
+        if self.lost > 5:
+            raise UserError(f"lost the study storage {describe(s.cfg.storage)} {self.lost} times in a row: {first}") from None
+        print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
+        time.sleep(s.cfg.storage.get("retry_pause", 2.0) * self.lost)
+
+    def reconnecting(self, fn):
+        """``fn()``, again after each lost storage connection (with the loop's pauses)."""
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                self.pause(e)
