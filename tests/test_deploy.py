@@ -40,7 +40,7 @@ def test_workers_run_the_distributed_command_and_it_composes(monkeypatch):
         monkeypatch.setenv("FMNIST_STORAGE_URL", COMPOSE["services"][name]["environment"]["FMNIST_STORAGE_URL"])
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
         cfg = compose(command)
-        assert cfg.storage.url == "postgresql+psycopg2://fmnist@postgres:5432/fmnist"
+        assert cfg.storage.url == "postgresql://fmnist@postgres:5432/fmnist"
         assert cfg.tracking.uri == "http://mlflow:5000" and cfg.sweep == "quickstart"
 
 
