@@ -26,8 +26,9 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/python -m fmnist_sweep +experiment=quickstart
 
+# Two test processes: most of the suite waits on subprocesses and servers, not on a core.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) mlruns.db mlartifacts
