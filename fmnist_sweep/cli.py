@@ -104,11 +104,10 @@ def _parse(argv: list[str]):
 
 def entry() -> None:
     """The command (`python -m fmnist_sweep`, `fmnist-sweep`): main(), then the exit. Before
-    it, every object alive is moved out of the garbage collector's sight (gc.freeze): the
-    interpreter's teardown otherwise runs full collections over the ~650,000 objects torch,
-    MLflow and plotly leave, 2-2.7 s of every command's and every worker's exit measured here
-    (bench/orchestration.py prints it). Exit handlers and flushes still run; only cycles
-    left at exit are not collected, and the process is ending."""
+    it, every live object is moved out of the garbage collector's sight (gc.freeze): the
+    interpreter's teardown would otherwise run full collections over the many objects torch,
+    MLflow and plotly leave, seconds of every exit (bench/orchestration.py measures it).
+    Exit handlers and flushes still run; only cycles left at exit are not collected."""
     code = main()
     import gc
 

@@ -102,7 +102,7 @@ def gather(names: list[str], where: list[str]):
     from optuna.trial import TrialState
 
     from .config import compose
-    from .study import open_study
+    from .study import interrupted, open_study
     from .tracking import Tracker
 
     entries, studies = [], []
@@ -132,7 +132,7 @@ def gather(names: list[str], where: list[str]):
                   if r.data.tags.get("fmnist.role") == "final" and r.info.status == "FINISHED"]
         entries += study_entries + finals
         failed = [t.params for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                  if study.counts([t])["FAIL"]]  # not an interrupted one
+                  if not interrupted(t)]
         studies.append({"name": name, "objective": study.sweep.objectives[0], "trials": study_entries,
                         "failed": failed,
                         "client": study.tracker.client})

@@ -79,7 +79,7 @@ class Recovery:
                 continue
             if running:
                 s.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            s.retry(s.optuna, next(u for u in s.optuna.get_trials(deepcopy=False) if u.number == t.number))
+            s.retry(s.optuna, t)  # a WAITING copy of its parameters and attributes
             if t.number in s.runs:  # its result never reached the study
                 s.tracker.log(s.runs[t.number], {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
         self.cut = None

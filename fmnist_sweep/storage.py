@@ -6,7 +6,7 @@ the first process creates a fresh store while the others wait for it."""
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import optuna
@@ -119,16 +119,10 @@ def make_storage(cfg_storage: DictConfig):
                                         **kwargs)
             _serialize_sqlite(storage.engine)
             return storage
-        opening = _pg_first_creates(url) if url.startswith("postgresql") else _nothing()
-        with opening:
+        with _pg_first_creates(url) if url.startswith("postgresql") else nullcontext():
             return WorkerStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
     except Exception as e:
         raise UserError(_cannot_open(url, path, e)) from None
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _cannot_open(url: str, path: Path | None, e: Exception) -> str:

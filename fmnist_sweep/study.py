@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import shlex
 import socket
@@ -123,12 +124,17 @@ class Study:
             with contextlib.suppress(Exception):  # counted apart from failures (by number: a retry copies it)
                 trial.set_user_attr("fmnist.interrupted", trial.number)
             raise
-        except CONNECTION_ERRORS as e:
-            self.recovery.cut = trial.number
-            raise StorageLost(CUT) from e
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except (*CONNECTION_ERRORS, optuna.exceptions.UpdateFinishedTrialError) as e:
+            raise self.storage_lost(trial, e) from e
+
+    def storage_lost(self, trial: optuna.Trial, e: Exception) -> StorageLost:
+        """What stops a trial that lost its storage (a cut) or that another worker's heartbeat
+        check failed (taken over): noted for the loop, which re-queues or skips it."""
+        if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
             self.recovery.taken_over = trial.number
-            raise StorageLost(TAKEN_OVER) from None
+            return StorageLost(TAKEN_OVER)
+        self.recovery.cut = trial.number
+        return StorageLost(CUT)
 
     def _trial(self, trial: optuna.Trial):
         trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
@@ -183,7 +189,7 @@ class Study:
               f"(storage {describe(self.cfg.storage)}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
         self._failures = 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - done)
-        callbacks = [self._after_trial, Progress(self, self.target),
+        callbacks = [self._after_trial, Progress(self, done, self.target),
                      optuna.study.MaxTrialsCallback(self.target, states=COUNTED)]
         while True:
             try:
@@ -220,8 +226,7 @@ class Study:
         """Trials per state; interrupted ones (Ctrl-C, re-queued) apart from failures."""
         counts = {s.name: 0 for s in TrialState} | {"INTERRUPTED": 0}
         for t in self.optuna.get_trials(deepcopy=False) if trials is None else trials:
-            interrupted = t.state == TrialState.FAIL and t.user_attrs.get("fmnist.interrupted") == t.number
-            counts["INTERRUPTED" if interrupted else t.state.name] += 1
+            counts["INTERRUPTED" if interrupted(t) else t.state.name] += 1
         return counts
 
     def finished(self) -> int:
@@ -260,12 +265,8 @@ def _reporter(study: Study, trial: optuna.Trial):
         try:
             trial.report(metrics[metric], epoch)
             return trial.should_prune()
-        except CONNECTION_ERRORS as e:
-            study.recovery.cut = trial.number
-            raise StorageLost(CUT) from e
-        except optuna.exceptions.UpdateFinishedTrialError as e:
-            study.recovery.taken_over = trial.number
-            raise StorageLost(TAKEN_OVER) from e
+        except (*CONNECTION_ERRORS, optuna.exceptions.UpdateFinishedTrialError) as e:
+            raise study.storage_lost(trial, e) from e  # train.run then ends its run KILLED, not FAILED
 
     return report
 
@@ -285,9 +286,8 @@ def _reuse(study: Study, trial, twin, line, tags):
 class Progress:
     """Optuna callback: one line per finished trial (its state, the counts, the best so far, ETA)."""
 
-    def __init__(self, study: "Study", target: int):
-        self.study, self.target = study, target
-        self.t0, self.started = time.perf_counter(), study.finished()
+    def __init__(self, study: "Study", started: int, target: int):
+        self.study, self.started, self.target, self.t0 = study, started, target, time.perf_counter()
 
     def __call__(self, _, frozen) -> None:
         c = self.study.counts()
@@ -306,6 +306,11 @@ class Progress:
               f"{self.study.best_text()} | ETA {_duration(eta)}", flush=True)
 
 
+def interrupted(t) -> bool:
+    """A trial stopped by Ctrl-C (by its number: a retry copies the attribute, not the number)."""
+    return t.state == TrialState.FAIL and t.user_attrs.get("fmnist.interrupted") == t.number
+
+
 def _finished(counts: dict[str, int]) -> int:
     return sum(counts[s.name] for s in COUNTED)
 
@@ -317,7 +322,7 @@ def states(c: dict[str, int]) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
+    if not math.isfinite(seconds):
         return "?"
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -329,14 +334,14 @@ def open_study(overrides: list[str], name: str) -> Study:
     cfg = compose(overrides)
     url = str(cfg.storage.get("url") or cfg.storage.get("path"))
     path = sqlite_path(url)
-    names = [] if path is not None and not path.exists() else optuna.study.get_all_study_names(
-        make_storage(cfg.storage))
+    storage = None if path is not None and not path.exists() else make_storage(cfg.storage)
+    names = optuna.study.get_all_study_names(storage) if storage is not None else []
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         raise UserError(f"no study '{name}' in {path or url.split('@')[-1]}. "
                         + (f"Studies there: {', '.join(sorted(names))}." if names else "It holds no study yet.")
                         + (f" Did you mean {close[0]}?" if close else ""))
-    sweep = optuna.load_study(study_name=name, storage=make_storage(cfg.storage)).user_attrs.get("fmnist.sweep")
+    sweep = optuna.load_study(study_name=name, storage=storage).user_attrs.get("fmnist.sweep")
     if sweep is None:
         raise UserError(f"study '{name}' was not made by fmnist-sweep (no fmnist.sweep attribute)")
     return Study(compose(overrides + [f"sweep={sweep}", f"study.name={name}"]), overrides, read_only=True)

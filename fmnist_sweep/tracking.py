@@ -7,7 +7,7 @@ import logging
 import os
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import UserError
@@ -96,18 +96,16 @@ class Tracker:
         self.uri = local_uri(uri)
         self.experiment_id = None
         path = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        local = path is not None and (create or path.exists())  # a local store to open (or make)
         try:
-            if path is None:
-                self.client = MlflowClient(tracking_uri=self.uri)
-                self.experiment_id = self._experiment(experiment, artifact_root, create)
-            elif not create and not path.exists():
-                self.client = MlflowClient(tracking_uri=self.uri)
-            else:
-                with first_creates(path):  # processes starting together: one migrates a fresh store
+            # Processes starting together on a fresh local store: one migrates it, the others wait.
+            with first_creates(path) if local else nullcontext():
+                if local:
                     sqlite_wal(path)
-                    self.client = MlflowClient(tracking_uri=self.uri)
-                    if (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
-                        sync_at_checkpoints(engine)
+                self.client = MlflowClient(tracking_uri=self.uri)
+                if local and (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
+                    sync_at_checkpoints(engine)
+                if path is None or local:
                     self.experiment_id = self._experiment(experiment, artifact_root, create)
         except MlflowException as e:
             raise UserError(_unusable(self.uri, str(e))) from None
