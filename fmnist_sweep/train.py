@@ -247,25 +247,31 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=True)
 
 
-def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
-        tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None) -> RunResult:
-    """Train ``cfg`` and record it as one MLflow run.
+@dataclass
+class Built:
+    """What build() makes of a config: the data on the device, the model and its optimizer,
+    the precision, and the metric that selects the best epoch."""
 
-    ``report(epoch, metrics) -> bool`` is called with the epoch's metrics after
-    every epoch; returning True stops the run as pruned (status KILLED). A study
-    passes its own ``tracker`` (its MLflow experiment) and parent run."""
-    validate(cfg)
-    t_start = time.perf_counter()
-    tcfg = cfg.trainer
-    torch.set_num_threads(threads_for(tcfg.threads))
-    keep_freed_memory()
-    device = select_device(tcfg.device)
-    # The tracking store first: an unreachable server fails the run before any work.
-    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    cfg: DictConfig
+    device: torch.device
+    data: fmnist.FashionMNIST
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: str
+    channels_last: bool
+    monitor: str
+    maximize: bool
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+
+def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | None) -> Built:
+    """Config -> data, model (CPU: conv + activation fused), optimizer, precision."""
+    device = select_device(cfg.trainer.device)
     data = dataset(cfg.data, device)
     if not len(data.train):
         raise UserError(f"data.train_fraction={cfg.data.train_fraction} leaves no training image: raise it.")
-
     model_kwargs = {}
     if "pretrained" in cfg.model:
         model_kwargs["pretrained"] = _checkpoint(cfg, overrides, tracker, parent_run_id)
@@ -278,138 +284,169 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     except Exception as e:  # hydra wraps bad constructor arguments
         raise UserError(f"cannot build the model/optimizer: {str(e).splitlines()[0]}") from None
-    precision = select_precision(tcfg.precision, device, model)
-    channels_last = (tcfg.channels_last if tcfg.channels_last != "auto"
-                     else getattr(model, "channels_last_gain", False))
+    channels_last = bool(cfg.trainer.channels_last if cfg.trainer.channels_last != "auto"
+                         else getattr(model, "channels_last_gain", False))
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    monitor, maximize = ("val/accuracy", True) if model.task == "classify" else ("val/loss", False)
+    return Built(cfg, device, data, model, optimizer, select_precision(cfg.trainer.precision, device, model),
+                 channels_last, monitor, maximize)
 
-    def autocast():
-        if precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
-    classify = model.task == "classify"
-    monitor, maximize = ("val/accuracy", True) if classify else ("val/loss", False)
-    override_line = shlex.join(overrides)
-    family = cfg.model._target_.rsplit(".", 2)[-2]
-    run_tags = {
-        "fmnist.model": family, "fmnist.task": model.task, "fmnist.monitor": monitor,
-        "fmnist.overrides": override_line,
-        "fmnist.command": ("python -m fmnist_sweep " + override_line).strip(),
-        "fmnist.device": str(device), "fmnist.precision": precision,
-        "fmnist.channels_last": str(bool(channels_last)), "fmnist.threads": torch.get_num_threads(),
-        "mlflow.source.git.commit": git_commit(), "data.sha256": data.checksum,
-        "fmnist.fingerprint": config_fingerprint(cfg),
-        **(tags or {}),
-    }
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    params["model.n_params"] = count_params(model)
-    run_id = tracker.start(name or override_line or "default", params, run_tags, parent_run_id)
-
-    result = RunResult("RUNNING", run_id, monitor, None)
-    generator = torch.Generator().manual_seed(cfg.seed)
+def fit(b: Built, result: RunResult, log, report=None) -> None:
+    """The epoch loop: train, evaluate, log(epoch, metrics), report (True: prune), early stop.
+    Fills ``result`` (history, best; status KILLED when pruned); the best epoch's weights
+    are loaded back when early stopping is on."""
+    tcfg = b.cfg.trainer
+    generator = torch.Generator().manual_seed(b.cfg.seed)
+    n_batches = math.ceil(len(b.data.train) / tcfg.batch_size)
+    scheduler = make_scheduler(tcfg.lr_schedule, b.optimizer, tcfg.epochs * n_batches)
+    augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None  # only what is on
     best_state, stale = None, 0
-    n_batches = math.ceil(len(data.train) / tcfg.batch_size)
-    scheduler = make_scheduler(tcfg.lr_schedule, optimizer, tcfg.epochs * n_batches)
-    aug = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None  # only what is on
-    eval_flip = tcfg.eval_flip
-    try:
-        with _progress(tcfg.progress) as bar:
-            for epoch in range(1, tcfg.epochs + 1):
-                task = bar.add_task(f"epoch {epoch}/{tcfg.epochs}", total=n_batches, stats="")
-
-                def on_batch(step, loss):
-                    bar.update(task, advance=1, **({"stats": f"loss {loss:.4f}"} if loss is not None else {}))
-
-                t0 = time.perf_counter()
-                train_loss = train_epoch(model, optimizer, data.train, tcfg.batch_size, generator,
-                                         autocast, channels_last, on_batch, scheduler, aug)
-                train_seconds = time.perf_counter() - t0
-                metrics = {"train/loss": train_loss}
-                if len(data.val):  # empty when retraining on train+val for a final model
-                    val = evaluate(model, data.val, tcfg.eval_batch_size, autocast, channels_last, flip=eval_flip)
-                    if not math.isfinite(val["loss"]):
-                        raise Diverged(f"validation loss became {val['loss']}")
-                    metrics["val/loss"] = val["loss"]
-                    if classify:
-                        metrics["val/accuracy"] = val["accuracy"]
-                bar.remove_task(task)
-                metrics.update({"lr": optimizer.param_groups[0]["lr"],
-                                "perf/images_per_s": len(data.train) / train_seconds,
-                                "perf/epoch_seconds": time.perf_counter() - t0})
-                tracker.log(run_id, metrics, step=epoch)
-                result.history.append({"epoch": epoch, **metrics})
-                result.metrics = dict(metrics)
-                value = metrics.get(monitor)
-                if value is not None and (result.best is None or (value > result.best if maximize
-                                                                  else value < result.best)):
-                    result.best, stale = value, 0
-                    if tcfg.early_stopping_patience:
-                        best_state = copy.deepcopy(model.state_dict())
-                else:
-                    stale += 1
+    with _progress(tcfg.progress) as bar:
+        for epoch in range(1, tcfg.epochs + 1):
+            metrics = _epoch(b, bar, epoch, n_batches, generator, scheduler, augment)
+            log(epoch, metrics)
+            result.history.append({"epoch": epoch, **metrics})
+            result.metrics = dict(metrics)
+            value = metrics.get(b.monitor)
+            if value is not None and (result.best is None or (value > result.best if b.maximize
+                                                              else value < result.best)):
+                result.best, stale = value, 0
+                if tcfg.early_stopping_patience:
+                    best_state = copy.deepcopy(b.model.state_dict())
+            else:
+                stale += 1
+            # The last epoch is paid for: its value is reported, its result kept.
+            if report is not None and report(epoch, metrics) and epoch < tcfg.epochs:
+                result.status, result.message = "KILLED", f"pruned after epoch {epoch}"
+                return
+            if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
                 if tcfg.progress:
-                    shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train", "val")))
-                    bar.console.print(f"epoch {epoch}/{tcfg.epochs}  {shown}  "
-                                      f"{metrics['perf/images_per_s']:,.0f} img/s  "
-                                      f"{metrics['perf/epoch_seconds']:.1f} s", soft_wrap=True)
-                # The last epoch is paid for: its value is reported, its result kept.
-                if report is not None and report(epoch, metrics) and epoch < tcfg.epochs:
-                    tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
-                    tracker.end(run_id, "KILLED")
-                    result.status, result.message = "KILLED", f"pruned after epoch {epoch}"
-                    return result
-                if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
-                    if tcfg.progress:
-                        bar.console.print(f"early stop: {monitor} has not improved for {stale} epochs")
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        final = {"perf/train_seconds": time.perf_counter() - t_start, "model/n_params": params["model.n_params"]}
-        if result.best is not None:
-            final[f"best/{monitor}"] = result.best
-        split_name = "test" if tcfg.test or not len(data.val) else "val"
-        ev = evaluate(model, getattr(data, split_name), tcfg.eval_batch_size, autocast, channels_last,
-                      keep_outputs=True, flip=eval_flip)
-        if split_name == "test":
-            final["test/loss"] = ev["loss"]
-            if classify:
-                final["test/accuracy"] = ev["accuracy"]
-        tracker.log(run_id, final, step=len(result.history))
-        result.metrics.update(final)
-        with tempfile.TemporaryDirectory() as tmp:
-            _write_artifacts(Path(tmp), cfg, model, result.history, ev, getattr(data, split_name), split_name)
-            tracker.log_artifacts(run_id, Path(tmp))
-        tracker.end(run_id, "FINISHED")
-        result.status = "FINISHED"
+                    bar.console.print(f"early stop: {b.monitor} has not improved for {stale} epochs")
+                break
+    if best_state is not None:
+        b.model.load_state_dict(best_state)
+
+
+def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augment) -> dict:
+    """One epoch: train, then evaluate on the validation split; its metrics (printed on a terminal)."""
+    tcfg = b.cfg.trainer
+    task = bar.add_task(f"epoch {epoch}/{tcfg.epochs}", total=n_batches, stats="")
+
+    def on_batch(step, loss):
+        bar.update(task, advance=1, **({"stats": f"loss {loss:.4f}"} if loss is not None else {}))
+
+    t0 = time.perf_counter()
+    train_loss = train_epoch(b.model, b.optimizer, b.data.train, tcfg.batch_size, generator, b.autocast,
+                             b.channels_last, on_batch, scheduler, augment)
+    train_seconds = time.perf_counter() - t0
+    metrics = {"train/loss": train_loss}
+    if len(b.data.val):  # empty when retraining on train+val for a final model
+        val = evaluate(b.model, b.data.val, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
+        if not math.isfinite(val["loss"]):
+            raise Diverged(f"validation loss became {val['loss']}")
+        metrics["val/loss"] = val["loss"]
+        if b.model.task == "classify":
+            metrics["val/accuracy"] = val["accuracy"]
+    bar.remove_task(task)
+    metrics.update({"lr": b.optimizer.param_groups[0]["lr"], "perf/images_per_s": len(b.data.train) / train_seconds,
+                    "perf/epoch_seconds": time.perf_counter() - t0})
+    if tcfg.progress:
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("train", "val")))
+        bar.console.print(f"epoch {epoch}/{tcfg.epochs}  {shown}  {metrics['perf/images_per_s']:,.0f} img/s  "
+                          f"{metrics['perf/epoch_seconds']:.1f} s", soft_wrap=True)
+    return metrics
+
+
+def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
+        tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None) -> RunResult:
+    """Train ``cfg`` and record it as one MLflow run: build, fit, record.
+
+    ``report(epoch, metrics) -> bool`` is called after every epoch; True stops the run as
+    pruned (status KILLED). A study passes its own ``tracker`` (its experiment) and parent run."""
+    validate(cfg)
+    t_start = time.perf_counter()
+    torch.set_num_threads(threads_for(cfg.trainer.threads))
+    keep_freed_memory()
+    # The tracking store first: an unreachable server fails the run before any work.
+    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    b = build(cfg, overrides, tracker, parent_run_id)
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params["model.n_params"] = count_params(b.model)
+    run_id = tracker.start(name or shlex.join(overrides) or "default", params, _run_tags(b, overrides, tags),
+                           parent_run_id)
+    result = RunResult("RUNNING", run_id, b.monitor, None)
+    try:
+        fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report)
+        if result.status == "KILLED":
+            tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
+        else:
+            _record_final(b, tracker, result, {"perf/train_seconds": time.perf_counter() - t_start,
+                                               "model/n_params": params["model.n_params"]})
+            result.status = "FINISHED"
+        tracker.end(run_id, result.status)
         return result
-    except Diverged as e:
-        tracker.log(run_id, {}, tags={"fmnist.failure": str(e)})
-        tracker.end(run_id, "FAILED")
-        result.status = "FAILED"
-        result.message = f"{e}: the run diverged. Try a smaller optimizer.lr (now {cfg.optimizer.lr})."
-        return result
-    except StorageLost as e:  # the study's, not the run's: its worker re-queues the trial
-        tracker.log(run_id, {}, tags={"fmnist.failure": str(e)})
-        tracker.end(run_id, "KILLED")
-        raise
-    except KeyboardInterrupt:
+    except (StorageLost, KeyboardInterrupt) as e:  # not the run's failure: its study re-queues the trial
+        if isinstance(e, StorageLost):
+            tracker.log(run_id, {}, tags={"fmnist.failure": str(e)})
         tracker.end(run_id, "KILLED")
         raise
     except Exception as e:  # the run fails, the process hosting it (a study, a worker) goes on
+        return _failed(b, tracker, result, e)
+
+
+def _run_tags(b: Built, overrides, tags: dict | None) -> dict:
+    """What the run's MLflow record says about how it was made, for reruns and comparisons."""
+    line = shlex.join(overrides)
+    return {"fmnist.model": b.cfg.model._target_.rsplit(".", 2)[-2], "fmnist.task": b.model.task,
+            "fmnist.monitor": b.monitor, "fmnist.overrides": line,
+            "fmnist.command": ("python -m fmnist_sweep " + line).strip(),
+            "fmnist.device": str(b.device), "fmnist.precision": b.precision,
+            "fmnist.channels_last": str(b.channels_last), "fmnist.threads": torch.get_num_threads(),
+            "mlflow.source.git.commit": git_commit(), "data.sha256": b.data.checksum,
+            "fmnist.fingerprint": config_fingerprint(b.cfg), **(tags or {})}
+
+
+def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict) -> None:
+    """The finished run's last record: its best value, the test (or validation) evaluation and
+    the artifacts (config, weights, curves, per-class tables or reconstructions)."""
+    tcfg = b.cfg.trainer
+    if result.best is not None:
+        final[f"best/{b.monitor}"] = result.best
+    split_name = "test" if tcfg.test or not len(b.data.val) else "val"
+    split = getattr(b.data, split_name)
+    ev = evaluate(b.model, split, tcfg.eval_batch_size, b.autocast, b.channels_last, keep_outputs=True,
+                  flip=tcfg.eval_flip)
+    if split_name == "test":
+        final["test/loss"] = ev["loss"]
+        if b.model.task == "classify":
+            final["test/accuracy"] = ev["accuracy"]
+    tracker.log(result.run_id, final, step=len(result.history))
+    result.metrics.update(final)
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_artifacts(Path(tmp), b.cfg, b.model, result.history, ev, split, split_name)
+        tracker.log_artifacts(result.run_id, Path(tmp))
+
+
+def _failed(b: Built, tracker: Tracker, result: RunResult, e: Exception) -> RunResult:
+    """A run that diverged or crashed: ended FAILED, with the reason in its record and the result."""
+    if isinstance(e, Diverged):
+        tracker.log(result.run_id, {}, tags={"fmnist.failure": str(e)})
+        result.message = f"{e}: the run diverged. Try a smaller optimizer.lr (now {b.cfg.optimizer.lr})."
+    else:
         detail = traceback.format_exc()
         if isinstance(e, torch.OutOfMemoryError):
-            if device.type == "cuda":
+            if b.device.type == "cuda":
                 torch.cuda.empty_cache()  # so the worker's next trial starts with a clean device
-            e = UserError(f"out of device memory at trainer.batch_size={tcfg.batch_size}: "
+            e = UserError(f"out of device memory at trainer.batch_size={b.cfg.trainer.batch_size}: "
                           "lower trainer.batch_size, or run fewer workers per GPU")
-        tracker.log(run_id, {}, tags={"fmnist.failure": detail[-5000:]})
-        tracker.end(run_id, "FAILED")
-        result.status = "FAILED"
+        tracker.log(result.run_id, {}, tags={"fmnist.failure": detail[-5000:]})
         result.message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         result.traceback = detail
-        return result
+    tracker.end(result.run_id, "FAILED")
+    result.status = "FAILED"
+    return result
 
 
 def _checkpoint(cfg, overrides, tracker: Tracker, parent_run_id) -> str | None:
