@@ -24,7 +24,7 @@ trials, so the epochs it saves are pruning's alone.
 
     python bench/sweep_efficiency.py                  # 16 trials (32 pruned) per arm, ~50 min on 1 core
     python bench/sweep_efficiency.py --seeds 0,1,2    # more sampler seeds (medians)
-    python bench/sweep_efficiency.py --plot docs/sweep_efficiency.png --workdir DIR  # keep the studies
+    python bench/sweep_efficiency.py --plot docs/sweep_efficiency_F.png --workdir DIR  # keep the studies
     python bench/sweep_efficiency.py --quick          # tiny: checks it runs
 """
 

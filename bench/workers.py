@@ -20,6 +20,15 @@ import time
 SMALL = ["+experiment=quickstart", "data.train_fraction=0.02", "data.val_fraction=0.02", "trainer.epochs=2"]
 
 
+def finished_trials(work: str, name: str) -> int:
+    """COMPLETE + PRUNED trials of the study in the work dir's embedded storage."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{work}/studies.db")
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*")
@@ -42,10 +51,13 @@ def main():
         wall = time.perf_counter() - t
         if proc.returncode != 0:
             sys.exit(f"{n} workers failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        rate = args.trials / wall * 3600
+        # N workers may finish up to N - 1 trials past the budget: the rate counts what finished.
+        done = finished_trials(work, cmd[-1].split("=", 1)[1])
+        rate = done / wall * 3600
         base, rates[n] = base or rate, rate
-        print(f"{n} worker(s) x {max(1, os.cpu_count() // n)} thread(s): {wall:6.1f} s for {args.trials} trials, "
-              f"{rate:7.0f} trials/hour, {rate / base:4.2f}x the 1-worker rate", flush=True)
+        print(f"{n} worker(s) x {max(1, os.cpu_count() // n)} thread(s): {wall:6.1f} s for a budget of "
+              f"{args.trials} ({done} trials finished), {rate:7.0f} trials/hour, {rate / base:4.2f}x the 1-worker rate",
+              flush=True)
 
 
     from fmnist_sweep.workers import default_workers
