@@ -40,7 +40,7 @@ def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, out: Path, split: st
 
 
 # One figure per kind and shape, built once per process and redrawn with each run's data:
-# building it (axes, ticks, 100 cell labels, colorbar) was a third of its cost, and a
+# building it (axes, ticks, 100 cell labels, colorbar) is a large share of its cost, and a
 # worker draws these for every trial. Figures outside pyplot: never closed, never counted
 # by pyplot's open-figure warning. Same pixels as a figure built afresh (tested).
 _FIGURES: dict = {}

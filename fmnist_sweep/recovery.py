@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import datetime
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -21,7 +22,7 @@ DEAD = "its worker stopped (the trial is failed and re-queued)"
 INTERRUPTED = "interrupted (Ctrl-C); re-queued for the next run"
 
 
-def _process_id() -> str:
+def process_id() -> str:
     """This process, as other workers on its machine can tell it: host, PID namespace, PID."""
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
@@ -53,7 +54,7 @@ class Recovery:
     connection stopped, and the connections lost since its last finished trial."""
 
     def __init__(self, study):
-        self.study, self.process = study, _process_id()
+        self.study, self.process = study, process_id()
         self.current: int | None = None  # the trial this process is running
         self.cut: int | None = None  # a trial whose objective stopped on a lost connection
         self.taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
@@ -61,9 +62,8 @@ class Recovery:
 
     def recover(self) -> None:
         """Fail and re-queue (Optuna's retry callback, within storage.max_retry) the trials no
-        worker will finish: this worker's own after a lost connection — the one it started,
-        the one whose objective stopped — and those of dead processes on this host. Optuna's
-        heartbeat check fails the others' a grace period after their last beat."""
+        worker will finish (_abandoned); Optuna's heartbeat check fails the trials of workers
+        elsewhere a grace period after their last beat."""
         s = self.study
         if getattr(s.storage, "heartbeat_interval", None):
             optuna.storages.fail_stale_trials(s.optuna)
@@ -72,12 +72,9 @@ class Recovery:
         trials = s.optuna.get_trials(deepcopy=False)
         retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
         for t in trials:
-            running = t.state == TrialState.RUNNING
-            abandoned = (running and (t.number == held or _is_dead(t.user_attrs.get("process"), self.process))
-                         or t.number == self.cut and t.state == TrialState.FAIL)
-            if not abandoned or t.number in retried:
+            if t.number in retried or not self._abandoned(t, held):
                 continue
-            if running:
+            if t.state == TrialState.RUNNING:
                 s.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             s.retry(s.optuna, t)  # a WAITING copy of its parameters and attributes
             if t.number in s.runs:  # its result never reached the study
@@ -86,6 +83,21 @@ class Recovery:
         if hasattr(s.storage, "held"):
             s.storage.held = None
         self.end_orphans()
+
+    def _abandoned(self, t, held: int | None) -> bool:
+        """A trial no worker will finish: the one a lost connection stopped here (running, or
+        failed by it), the waiting one this worker took just before, one whose process on this
+        host is gone, or one still without an owner a grace period after it started (its worker
+        died or was cut off inside Optuna's ask, before the trial reached the objective)."""
+        if t.state == TrialState.FAIL:
+            return t.number == self.cut
+        if t.state != TrialState.RUNNING:
+            return False
+        if t.number in (held, self.cut) or _is_dead(t.user_attrs.get("process"), self.process):
+            return True
+        grace = self.study.cfg.storage.get("grace_period")
+        return ("process" not in t.user_attrs and grace is not None and t.datetime_start is not None
+                and (datetime.now() - t.datetime_start).total_seconds() > grace)
 
     def end_orphans(self) -> None:
         """This study's MLflow runs left RUNNING by trials Optuna has finished: ended KILLED."""

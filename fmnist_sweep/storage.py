@@ -40,18 +40,11 @@ def connection_error(e: BaseException | None) -> BaseException | None:
 class WorkerStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage as one worker process uses it.
 
-    ``held`` is the trial this process last started (created running, or taken from the
-    waiting queue): after a cut inside ``study.ask`` the worker knows which trial to fail
-    and re-queue. A heartbeat that meets a cut connection is skipped rather than ending
+    ``held`` is the waiting trial (enqueued, or re-queued) this process last took: after a
+    cut inside ``study.ask`` the worker knows which trial to fail and re-queue. A heartbeat that meets a cut connection is skipped rather than ending
     Optuna's heartbeat thread, so a trial that outlives an outage keeps beating."""
 
     held: int | None = None
-
-    def create_new_trial(self, study_id: int, template_trial=None) -> int:
-        trial_id = super().create_new_trial(study_id, template_trial)
-        if template_trial is None or template_trial.state == TrialState.RUNNING:
-            self.held = trial_id
-        return trial_id
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
         taken = super().set_trial_state_values(trial_id, state=state, values=values)

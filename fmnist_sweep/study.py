@@ -15,6 +15,7 @@ import math
 import os
 import shlex
 import socket
+import sys
 import time
 
 import optuna
@@ -39,9 +40,17 @@ def _not_a_trial_failure(record: logging.LogRecord) -> bool:
     return "failed with" not in record.getMessage()
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes, not as it was at import."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 optuna.logging.disable_default_handler()
-_handler = logging.StreamHandler()
+_handler = _Stderr()
 _handler.addFilter(_not_a_trial_failure)
 logging.getLogger("optuna").addHandler(_handler)
 

@@ -66,9 +66,9 @@ def cpu_bf16_slowdown(cpuinfo: str | None = None) -> str:
     """"" where bf16 autocast is real speed on this CPU, else why it is not. Fast: AMX tiles
     (Intel) and AVX512-BF16 on AMD (Zen 4 and 5: bf16 GEMM peaks about twice fp32's). Not fast:
     Intel's AVX512-BF16 without AMX (Cooper Lake, or a VM that hides AMX), where oneDNN's
-    bf16 kernels ran at half the fp32 speed (2048^2 matmul 81 vs 158 GFLOP/s; the seed CNN
-    trained at 373 vs 450 img/s), and CPUs without bf16 units, where autocast emulates it.
-    Read from /proc/cpuinfo, not timed, so a configuration trains the same way on every run."""
+    bf16 kernels run at about half the fp32 speed, and CPUs without bf16 units, where
+    autocast emulates it (docs/PERFORMANCE.md). Read from /proc/cpuinfo, not timed, so a
+    configuration trains the same way on every run."""
     cpuinfo = cpuinfo or CPUINFO
     flags = cpuinfo_field("flags", cpuinfo).split()
     if "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in cpuinfo_field("vendor_id", cpuinfo)):
@@ -96,8 +96,8 @@ def select_precision(setting: str, device: torch.device, model) -> str:
 def keep_freed_memory(keep: bool = True) -> bool:
     """glibc maps blocks over its mmap threshold (128 KB, raised as large blocks are
     freed) fresh from the OS and trims the heap past twice that, so a step's activation
-    tensors are often page-faulted in afresh: on a 2-core VM that doubled the cost of a
-    ReLU on a batch of 16x28x28 maps. With ``keep`` the heap serves blocks up to 32 MB
+    tensors are often page-faulted in afresh, which can double the cost of a small
+    elementwise op. With ``keep`` the heap serves blocks up to 32 MB
     and is trimmed only past 512 MB free, so the next step reuses the same pages
     (PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc).
     ``keep=False`` sets glibc's initial thresholds (128 KB) back, fixed: its adaptive

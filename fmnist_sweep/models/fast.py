@@ -176,12 +176,10 @@ def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
 def _gemm_backend(cpuinfo: str = "/proc/cpuinfo") -> str:
     """Where the SimpleRNN's fp32 matrix products run fastest: oneDNN on AMD CPUs from Zen 5
     (family 26) on, MKL (torch's own addmm/mm) everywhere else. MKL takes its AVX2 path on
-    AMD CPUs, which halves its speed only where AVX-512 runs at full width — Zen 5: 87 vs
-    oneDNN's 145 GFLOP/s at the SimpleRNN's 65x256x256. On Zen 4 (family 25) AVX-512 runs
-    on 256-bit units, so MKL's AVX2 code is as fast and its smaller per-call cost wins at the
-    step products of 128 and 64 units (25 vs 61 us, 11 vs 36 us); on Intel, MKL 141 vs
-    oneDNN 116 GFLOP/s. Decided by the CPU, not timed, so that a configuration gives the
-    same numbers on every run on one machine."""
+    AMD CPUs, which halves its speed only where AVX-512 runs at full width (Zen 5). On
+    Zen 4 AVX-512 runs on 256-bit units, so MKL's AVX2 code is as fast and its smaller
+    per-call cost wins at the small step products; on Intel MKL is the faster. Decided by
+    the CPU, not timed, so that a configuration gives the same numbers on every run."""
     # Linux names vendor and family in /proc/cpuinfo; Windows in platform.processor(),
     # e.g. "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD"
     vendor = cpuinfo_field("vendor_id", cpuinfo) or platform.processor()
