@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import difflib
-import functools
 import hashlib
 import re
 from pathlib import Path
@@ -66,47 +64,16 @@ def _explain(err: Exception, overrides: list[str]) -> str:
 
 
 def _hydra(overrides: list[str]) -> DictConfig:
+    """Hydra's composition of conf/config.yaml with these overrides, unresolved."""
     with initialize_config_dir(config_dir=str(resource_dir("conf")), version_base="1.3", job_name="fmnist_sweep"):
         return hydra_compose(config_name="config", overrides=overrides)
-
-
-@functools.lru_cache(maxsize=64)
-def _from_groups(group_overrides: tuple[str, ...]) -> DictConfig:
-    return _hydra(list(group_overrides))
-
-
-def _composed(overrides: list[str]) -> DictConfig:
-    """Hydra's composition, unresolved. Hydra builds a config from the config-group
-    choices (``model=cnn``, ``+experiment=x``: its defaults list), then applies every other
-    override to the result, in order (``ConfigLoaderImpl._apply_overrides_to_config``).
-    The first part is cached per distinct group choices: a study's trials differ mostly in
-    values, and a full composition costs many times the cached path. Whatever this cannot take the
-    same way as Hydra (hydra.* or sweep overrides, an error) goes through Hydra whole."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:
-        parsed = None  # a syntax error: Hydra's own message
-    if parsed is None or any(o.is_hydra_override() or o.is_sweep_override() for o in parsed):
-        return _hydra(overrides)
-    try:
-        conf = resource_dir("conf")
-        # Hydra's own test (defaults_list.Overrides): a group that exists, given a name, not a dict.
-        is_group = [(conf / o.key_or_group).is_dir() and not isinstance(o.value(), dict) for o in parsed]
-        cfg = copy.deepcopy(_from_groups(tuple(o.input_line for o, g in zip(parsed, is_group) if g)))
-        ConfigLoaderImpl._apply_overrides_to_config([o for o, g in zip(parsed, is_group) if not g], cfg)
-        return cfg
-    except Exception:
-        return _hydra(overrides)  # Hydra's own error for a bad line
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The resolved run configuration for these command-line overrides."""
     overrides = list(overrides)
     try:
-        cfg = _composed(overrides)
+        cfg = _hydra(overrides)
     except (HydraException, MissingConfigException, ValueError) as e:
         raise UserError(_explain(e, overrides)) from None
     budgets = cfg.get("budgets")

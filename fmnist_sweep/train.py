@@ -24,7 +24,7 @@ from . import data as fmnist
 from .config import compose, config_fingerprint, validate
 from .errors import StorageLost, UserError
 from .models import count_params, fuse_conv_activations
-from .models.fast import cpuinfo_field
+from .models.fast import cpuinfo_field, private_ops_allowed
 from .tracking import Tracker, git_commit, resolve_checkpoint
 
 
@@ -404,6 +404,7 @@ def _run_tags(b: Built, overrides, tags: dict | None) -> dict:
             "fmnist.command": ("python -m fmnist_sweep " + line).strip(),
             "fmnist.device": str(b.device), "fmnist.precision": b.precision,
             "fmnist.channels_last": str(b.channels_last), "fmnist.threads": torch.get_num_threads(),
+            "fmnist.cpu_fast_paths": str(b.device.type == "cpu" and private_ops_allowed()),
             "mlflow.source.git.commit": git_commit(), "data.sha256": b.data.checksum,
             "fmnist.fingerprint": config_fingerprint(b.cfg), **(tags or {})}
 

@@ -203,3 +203,23 @@ print(libc.mallinfo2().hblkhd - before)
     mmapped = {how: int(subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True,
                                        check=True).stdout) for how in ("system", "keep")}
     assert mmapped["system"] >= 8 << 20 and mmapped["keep"] == 0
+
+
+@pytest.mark.parametrize("release,on", [(None, True), ("2.99.0+cpu", False), ("2.12.1", False)])
+def test_cpu_fast_paths_run_on_tested_torch_releases_and_fall_back_elsewhere(release, on, tiny_overrides,
+                                                                            workdir, monkeypatch):
+    """On the torch release CI tests, the private-operator layers (fused convolution, the
+    SimpleRNN's recurrence) train; on any other release a whole run takes torch's own
+    layers (the recurrence is never entered) and still finishes; the run's record says which."""
+    from fmnist_sweep.models import fast
+    from fmnist_sweep.models.cnn import CNN
+
+    if release is not None:
+        monkeypatch.setattr(fast, "TORCH_VERSION", release)
+        monkeypatch.setattr(fast._Elman, "apply", lambda *a: pytest.fail("fast recurrence on an untested torch"))
+    assert (fast.fuse_conv_activations(CNN()) > 0) == (on and torch.backends.mkldnn.is_available())
+    for model in ("cnn", "rnn"):
+        result = run(compose([*tiny_overrides, f"model={model}"]))
+        assert result.status == "FINISHED" and 0 <= result.metrics["val/accuracy"] <= 1
+    _, runs = mlflow_runs(workdir)
+    assert {r.data.tags["fmnist.cpu_fast_paths"] for r in runs} == {str(on)}

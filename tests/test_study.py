@@ -382,10 +382,8 @@ def test_unknown_study_for_status_and_unknown_sweep(workdir, capsys):
 
 @pytest.mark.parametrize("experiment", [e for e in group_options("experiment") if not e.startswith("keras_")])
 def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
-    """Each trial's config is Hydra's composition of its line: compose() caches the part
-    built from the group choices and applies the values itself, so every sweep's trials
-    (group choices, conditional values, a user's value before them) are checked against
-    Hydra composing the whole line."""
+    """Every sweep's trials (group choices, conditional values, a user's value before them)
+    compose, each to Hydra's own composition of its whole line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf

@@ -10,6 +10,23 @@ import torch
 from torch import nn
 
 
+# The torch releases whose private oneDNN and aten operators (the fused convolution, the
+# SimpleRNN's recurrence) this module is tested with; CI installs the first. On any other
+# release those layers take torch's own path, so a changed operator cannot fail a run.
+TESTED_TORCH = ("2.13",)
+TORCH_VERSION = torch.__version__  # read by private_ops_allowed(); tests set another release here
+
+
+def private_ops_allowed() -> bool:
+    """Whether this torch is a tested release (its major.minor in TESTED_TORCH)."""
+    return _tested(TORCH_VERSION)
+
+
+@functools.cache
+def _tested(version: str) -> bool:
+    return ".".join(version.split("+")[0].split(".")[:2]) in TESTED_TORCH
+
+
 @functools.cache
 def _has_onednn(op: str) -> bool:
     """torch was built with oneDNN and exposes its fused CPU operator ``op``."""
@@ -142,8 +159,9 @@ def fuse_conv_activations(model: nn.Module) -> int:
     """Replace each Conv2d directly followed by a Tanh, ReLU or Sigmoid in an
     nn.Sequential by one Conv2dActivation (and the activation by an Identity), keeping
     the same Parameter objects (an optimizer built before still updates them) and the
-    same state_dict keys. Does nothing without oneDNN. Returns how many it fused."""
-    if not _has_onednn("_convolution_pointwise"):
+    same state_dict keys. Does nothing without oneDNN or on an untested torch release.
+    Returns how many it fused."""
+    if not (private_ops_allowed() and _has_onednn("_convolution_pointwise")):
         return 0
     fused = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
@@ -272,12 +290,12 @@ class RNN(nn.RNN):
     hand-written backward pass with the weight gradients of all steps as one product
     each; products through MKL, or oneDNN on AMD Zen 5 and newer (_gemm_backend). Same
     function and gradients as nn.RNN; everything else (bf16 autocast, stacked or
-    bidirectional layers, an initial state) is torch's own."""
+    bidirectional layers, an initial state, an untested torch release) is torch's own."""
 
     def forward(self, x, hx=None):
         if not (hx is None and x.device.type == "cpu" and x.dim() == 3 and x.shape[1] > 1 and self.batch_first
                 and self.num_layers == 1 and not self.bidirectional and self.bias and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_autocast_enabled("cpu") and private_ops_allowed()):
             return super().forward(x, hx)
         out = _Elman.apply(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
                            self.nonlinearity, _gemm_backend())
