@@ -28,7 +28,7 @@ run: setup
 
 # Two test processes: most of the suite waits on subprocesses and servers, not on a core.
 test: setup
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) mlruns.db mlartifacts

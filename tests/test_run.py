@@ -205,7 +205,7 @@ print(libc.mallinfo2().hblkhd - before)
     assert mmapped["system"] >= 8 << 20 and mmapped["keep"] == 0
 
 
-@pytest.mark.parametrize("release,on", [(None, True), ("2.99.0+cpu", False), ("2.12.1", False)])
+@pytest.mark.parametrize("release,on", [(None, True), ("2.99.0+cpu", False)])
 def test_cpu_fast_paths_run_on_tested_torch_releases_and_fall_back_elsewhere(release, on, tiny_overrides,
                                                                             workdir, monkeypatch):
     """On the torch release CI tests, the private-operator layers (fused convolution, the
