@@ -11,6 +11,7 @@ from .models import CLASSES
 
 
 def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no screen), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,6 +56,7 @@ def _figure(key, build):
 
 
 def confusion_matrix_png(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> None:
+    """The confusion matrix of ``y_true`` against ``y_pred`` as a PNG, counts in the cells."""
     from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(CLASSES))))

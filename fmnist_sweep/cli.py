@@ -63,6 +63,7 @@ def _browse_hint(tracking_uri: str) -> str:
 
 
 def _parse(argv: list[str]):
+    """(options, Hydra overrides) from the command line; a bad option is a UserError."""
     from .errors import UserError
 
     opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "top_k": 3, "seeds": 3,
@@ -116,6 +117,7 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv``; returns the exit code (2: a user's error, 130: Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from .workers import pin_to_cores
 
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_one(cfg, overrides, verbose) -> int:
+    """One training run; prints its result and how to browse it."""
     from .tracking import local_uri
     from .train import run
 
@@ -177,6 +180,7 @@ def _run_one(cfg, overrides, verbose) -> int:
 
 
 def _run_study(cfg, overrides, more, fork) -> int:
+    """A study's trials in this process, then its report and the best trial's re-run command."""
     from . import study_report
     from .study import Study, states
     from .tracking import local_uri
@@ -215,6 +219,7 @@ def _where(overrides) -> list[str]:
 
 
 def _study_command(opts, overrides) -> int:
+    """status, report, finalize or compare of existing studies."""
     from . import study_report
     from .study import open_study
 

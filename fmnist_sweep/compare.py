@@ -79,6 +79,7 @@ def _without_seed(overrides: str) -> str:
 
 
 def _entry(run, source, role, params=None) -> Entry:
+    """One compared run: its family, scores and timings as the report's row needs them."""
     tags = run.data.tags
     seed = int(float(run.data.params.get("seed", 0)))
     final_of = tags.get("fmnist.final_of_trial")
@@ -88,6 +89,7 @@ def _entry(run, source, role, params=None) -> Entry:
 
 
 def _all_runs(client, experiment_id) -> list:
+    """Every run of an MLflow experiment, page by page."""
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], max_results=1000, page_token=token)
@@ -325,6 +327,7 @@ def _per_class(entry: Entry, client, out: Path) -> list[str]:
 
 
 def report(names: list[str], where: list[str], out: Path) -> str:
+    """The comparison as Markdown, with its plots and tables written into ``out``."""
     entries, studies, client = gather(names, where)
     lines = [f"# Comparison: {', '.join(names)}", ""]
     fam = family_rows(entries)

@@ -30,6 +30,7 @@ def group_options(group: str) -> list[str]:
 
 
 def flat_keys(cfg, prefix="") -> list[str]:
+    """Every leaf key of ``cfg`` as a dotted path (``model.latent_dim``)."""
     keys = []
     for k, v in cfg.items():
         full = f"{prefix}{k}"

@@ -64,6 +64,7 @@ def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
 
 
 def _copy_with_progress(src, dst, total: int, name: str, show: bool) -> None:
+    """Copy ``response`` into ``out`` with a progress bar on a terminal."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     with Progress(*Progress.get_default_columns()[:3], DownloadColumn(), TransferSpeedColumn(),

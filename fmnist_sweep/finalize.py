@@ -32,6 +32,8 @@ def top_trials(study: Study, k: int) -> list:
 
 
 def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
+    """Retrain the study's best ``k`` configurations over ``seeds`` on train+val, test each once, register
+    the best; the report as Markdown."""
     rows = []
     for t in top_trials(study, k):
         line = [o for o in shlex.split(t.user_attrs["overrides"]) if not o.lstrip("+~").startswith(DROP)]

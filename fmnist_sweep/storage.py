@@ -119,6 +119,7 @@ def make_storage(cfg_storage: DictConfig):
 
 
 def _cannot_open(url: str, path: Path | None, e: Exception) -> str:
+    """One line for a storage that does not open: what failed and the fix for its kind."""
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     if path is not None:
         return f"cannot open the Optuna storage {path}: {first}. Fix: storage.url must name a SQLite file you can write."

@@ -112,6 +112,7 @@ class Study:
                             f"study '{self.name}-{self.sweep.fingerprint[:8]}', or set study.name=NEW.")
 
     def _parent_spec(self) -> dict:
+        """Name, params and tags of the study's MLflow parent run, made by its first worker."""
         command = "python -m fmnist_sweep " + shlex.join(self.base + [f"sweep={self.sweep.name}"])
         return {"name": f"study {self.name}",
                 "params": {"sweep": self.sweep.name, "n_trials": self.n_trials,
@@ -146,6 +147,7 @@ class Study:
         return StorageLost(CUT)
 
     def _trial(self, trial: optuna.Trial):
+        """Suggest, compose and train (or reuse a twin's result); the trial's objective values."""
         trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
         trial.set_user_attr("process", self.recovery.process)
         trial.set_user_attr("host", self.host)
@@ -252,6 +254,7 @@ class Study:
             return []
 
     def best_text(self, best: list | None = None) -> str:
+        """The best so far, for the per-trial line."""
         best = self.best_trials() if best is None else best
         if not best:
             return "no complete trial yet"

@@ -15,6 +15,7 @@ from .study import Study, states
 
 
 def trial_rows(study: Study) -> list[dict]:
+    """One dict per trial: number, state, values, params, time, host and MLflow run."""
     rows = []
     for t in study.optuna.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
@@ -35,6 +36,7 @@ def _fmt(v) -> str:
 
 
 def markdown(study: Study) -> str:
+    """The study's summary: counts, best trials with their re-run commands, the trials table."""
     objectives = study.sweep.objectives
     c = study.counts()
     lines = [f"# Study `{study.name}`", "",
@@ -102,7 +104,7 @@ def _plots(study: Study):
                   ("slice", vis.plot_slice, mvis.plot_slice, kw, {})]
     if len(varying) >= 2:
         # Every pair in the interactive page; in the PNG one readable panel, the two parameters
-        # that matter most (matplotlib interpolates each panel: a 4-parameter grid took 1.5 s).
+        # that matter most (matplotlib interpolates each panel: a grid of them is slow).
         png = {} if len(varying) == 2 else {"params": _most_important(study, varying, kw.get("target"))}
         plots.append(("contour", vis.plot_contour, mvis.plot_contour, {"params": varying, **kw}, png))
     return plots

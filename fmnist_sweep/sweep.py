@@ -95,6 +95,7 @@ def load_sweep(name: str) -> Sweep:
 
 
 def _build(spec: dict, table: dict, kind: str, **extra):
+    """A sampler or pruner from a spec: its ``name`` in ``table``, or any ``_target_``."""
     spec = dict(spec)
     if "_target_" in spec:
         return instantiate(spec, **extra)
@@ -105,6 +106,7 @@ def _build(spec: dict, table: dict, kind: str, **extra):
 
 
 def make_sampler(sweep: Sweep, seed: int):
+    """The sweep's sampler, seeded per worker unless all workers must share its seed."""
     spec = {"seed": seed, **sweep.sampler}
 
     def build(seed):
@@ -166,6 +168,7 @@ class WorkerSeededSampler(optuna.samplers.BaseSampler):
 
 
 def make_pruner(sweep: Sweep, epochs: int):
+    """The sweep's pruner (hyperband's max resource: the trainer's epochs)."""
     spec = dict(sweep.pruner)
     if spec.get("name") == "hyperband":
         spec.setdefault("max_resource", epochs)

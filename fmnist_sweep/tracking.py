@@ -111,6 +111,7 @@ class Tracker:
             raise UserError(_unusable(self.uri, str(e))) from None
 
     def _experiment(self, name: str, artifact_root: str | None, create: bool) -> str | None:
+        """The experiment's id; with ``create`` a missing one is made."""
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(name)
@@ -162,6 +163,7 @@ class Tracker:
                 self.end(run.info.run_id, "KILLED")
 
     def start(self, name: str, params: dict, tags: dict, parent_run_id: str | None = None) -> str:
+        """A new run (child of ``parent_run_id`` if given) with its params and tags; its id."""
         from mlflow.entities import Param
 
         tags = dict(tags)

@@ -41,6 +41,8 @@ class RunResult:
 
 
 def select_device(name: str) -> torch.device:
+    """The torch device ``trainer.device`` names (auto: CUDA if present); CPU with a warning if CUDA is
+    missing."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         if name != "auto":
             print(f"warning: trainer.device={name} but CUDA is not available here; training on cpu")
@@ -85,6 +87,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def select_precision(setting: str, device: torch.device, model) -> str:
+    """fp32 or bf16 for this run: ``auto`` takes bf16 where the hardware makes it fast and the model gains."""
     if setting == "bf16" and device.type == "cpu" and (why := cpu_bf16_slowdown()):
         print(f"warning: trainer.precision=bf16 on {why}; precision=auto trains in fp32 here")
     if setting != "auto":
@@ -138,6 +141,7 @@ def dataset(cfg_data: DictConfig, device: torch.device) -> fmnist.FashionMNIST:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as one level of dotted keys."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -482,6 +486,7 @@ def _checkpoint(cfg, overrides, tracker: Tracker, parent_run_id) -> str | None:
 
 
 def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> None:
+    """A finished run's files: config, weights, learning curves, and per-class tables or reconstructions."""
     from . import artifacts
 
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

@@ -32,7 +32,7 @@ def layout(n: int, per_gpu: int, gpus: int, cores: list[int]) -> list[dict]:
     GPUs: worker i uses GPU i // per_gpu (one GPU each by default), and an equal
     share of the cores for its threads. CPU only: the cores are split evenly so that
     workers x threads = cores; more workers than cores get one thread each, pinned
-    round-robin (never several threads each: oversubscribed OpenMP collapses ~16x)."""
+    round-robin (never several threads each: oversubscribed OpenMP collapses throughput)."""
     if gpus:
         if n > gpus * per_gpu:
             raise UserError(f"{n} workers need {-(-n // per_gpu)} GPUs at {per_gpu} per GPU; this machine has "

@@ -35,9 +35,9 @@ def _has_onednn(op: str) -> bool:
 
 class Dropout(nn.Dropout):
     """nn.Dropout with a faster mask on the CPU. torch draws the CPU dropout mask with
-    ``bernoulli_``, one Mersenne-Twister draw per element (~12-14 ns each here: a quarter
-    of the autoencoder's training step); this draws 64 random bits per 4 elements and
-    keeps an element when its 16 bits clear ``p`` (~4 ns). Same distribution up to p's
+    ``bernoulli_``, one Mersenne-Twister draw per element (a large share of the
+    autoencoder's step); this draws 64 random bits per 4 elements and keeps an element
+    when its 16 bits clear ``p``. Same distribution up to p's
     rounding to 1/65,536, same seeding (torch's default generator), same scaling by
     1 / (1 - p) and the same gradient; other devices, eval mode and p of 0 or 1 take
     torch's own dropout."""
@@ -51,7 +51,7 @@ class Dropout(nn.Dropout):
         bits = (bits.as_strided(x.shape, x.stride()) if x.dim() == 4 and x.is_contiguous(
             memory_format=torch.channels_last) else bits.view(x.shape))
         keep = bits >= round(self.p * 65536) - 32768  # P = 1 - p
-        # bool -> float is torch's scalar cast (1.5 ns per element); uint8 -> float is vectorised.
+        # bool -> float is torch's scalar cast; uint8 -> float is vectorised.
         return x * keep.view(torch.uint8).to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
@@ -84,7 +84,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d that computes a kernel-equals-stride layer (the autoencoder's
     2x2, stride 2: output patches do not overlap) as one matrix product of the input
     pixels with the weight, then places each pixel's k x k patch. torch's transposed
-    convolution took 2-4x longer for these thin layers on a CPU and converted memory
+    convolution is several times slower for these thin layers on a CPU and converted memory
     formats around them. Output in channels_last layout; same parameters."""
 
     def forward(self, x, output_size=None):
@@ -133,7 +133,7 @@ class _ConvActivation(torch.autograd.Function):
 
 class Conv2dActivation(nn.Conv2d):
     """A Conv2d and the activation after it as one oneDNN convolution with the activation
-    applied to its result before it is written (torch's tanh alone took as long as a
+    applied to its result before it is written (torch's tanh alone costs about as much as a
     32-channel 3x3 convolution on the CPU); the backward pass is torch's own. Holds
     the convolution's own parameters: built by fuse_conv_activations()."""
 

@@ -8,7 +8,7 @@ from . import Classifier, Dropout, fast
 class RNN(Classifier):
     """Stacked Elman RNN layers (last one returns its final state) -> BN -> linear."""
 
-    # Measured: SimpleRNN runs ~20% slower under bf16 autocast on CPU.
+    # bf16 autocast slows the SimpleRNN down on a CPU (docs/PERFORMANCE.md): it stays fp32.
     bf16_gain = False
 
     def __init__(self, hidden=(256, 128, 64), activation="relu", dropout=0.0, num_classes=10):
