@@ -6,6 +6,7 @@
     python -m fmnist_sweep finalize STUDY [...]          retrain its best on train+val, test, register
     python -m fmnist_sweep compare NAME [NAME ...]       families, levels over seeds, per-class tables
     python -m fmnist_sweep workers -n N [override ...]   N local workers of one study
+    python -m fmnist_sweep predict MODEL_URI IMAGES      classes of images from a logged model
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep finalize STUDY [--top-k K] [--seeds S] [override ...]
        python -m fmnist_sweep compare NAME [NAME ...] [--out DIR] [override ...]
        python -m fmnist_sweep workers [-n N] [--per-gpu K] [override ...]
+       python -m fmnist_sweep predict MODEL_URI IMAGES [override ...]
 
 Train one model with the configuration Hydra composes from conf/ and the
 overrides (key=value, group=option), recording the run in MLflow. With a sweep
@@ -37,6 +39,7 @@ examples:
   python -m fmnist_sweep compare torch_ae_latent
   python -m fmnist_sweep compare resnet_search 0123456789abcdef0123456789abcdef --out results/
   python -m fmnist_sweep workers -n 2 +experiment=cnn_arch storage=postgres tracking=server
+  python -m fmnist_sweep predict models:/fmnist-quickstart/1 shirt.png
 
 options:
   --more N     run N trials more than the study has (default: fill its n_trials)
@@ -56,10 +59,24 @@ COMMANDS = ("status", "report", "finalize")
 NUMBER_OPTIONS = {"--more": "more", "--top-k": "top_k", "--seeds": "seeds", "-n": "n", "--per-gpu": "per_gpu"}
 
 
-def _browse_hint(tracking_uri: str) -> str:
-    if tracking_uri.startswith("sqlite:///"):
-        return f"browse: mlflow ui --backend-store-uri {tracking_uri}  (then open http://127.0.0.1:5000)"
-    return f"browse: {tracking_uri}"
+def _browse_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None, study=None) -> str:
+    """How to look at the record in MLflow's UI: a link to the run's page, or to a study's trials
+    in the model-training runs view, ranked by its (first) objective."""
+    from urllib.parse import quote, urlencode
+
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    page = f"{base}/#/experiments/{experiment_id}/runs"
+    if run_id:
+        page += f"/{run_id}"
+    elif study is not None:
+        metric, direction = study.sweep.objectives[0]
+        page += "?" + urlencode({"searchFilter": f"tags.`optuna.study` = '{study.name}' and "
+                                                 "tags.`optuna.trial_number` LIKE '%'",
+                                 "orderByKey": f"metrics.`{metric}`",
+                                 "orderByAsc": str(direction == "minimize").lower()}, quote_via=quote)
+    if tracking_uri.startswith("http"):
+        return f"browse: {page}"
+    return f"browse: mlflow ui --backend-store-uri {tracking_uri}, then open {page}"
 
 
 def _parse(argv: list[str]):
@@ -79,6 +96,11 @@ def _parse(argv: list[str]):
         if not opts["names"]:
             raise UserError("usage: python -m fmnist_sweep compare NAME [NAME ...] [--out DIR] [override ...] "
                             "(NAME: a study, or an MLflow run id)")
+    elif argv and argv[0] == "predict":
+        if len(argv) < 3 or any("=" in a or a.startswith("-") for a in argv[1:3]):
+            raise UserError("usage: python -m fmnist_sweep predict MODEL_URI IMAGES [override ...] (IMAGES: a "
+                            "PNG/JPEG file, a folder of them, or an IDX file)")
+        opts["command"], opts["names"], i = "predict", argv[1:3], 3
     elif argv and argv[0] in COMMANDS:
         if len(argv) < 2 or "=" in argv[1] or argv[1].startswith("-"):
             raise UserError(f"usage: python -m fmnist_sweep {argv[0]} STUDY [override ...]")
@@ -175,7 +197,9 @@ def _run_one(cfg, overrides, verbose) -> int:
         print(f"error: {result.message}", file=sys.stderr)
         if verbose and result.traceback:
             print(result.traceback, file=sys.stderr)
-    print(_browse_hint(local_uri(cfg.tracking.uri)))
+    if result.model_id:
+        print(f"model: models:/{result.model_id} (predict: python -m fmnist_sweep predict runs:/{result.run_id} IMAGES)")
+    print(_browse_hint(local_uri(cfg.tracking.uri), result.experiment_id, run_id=result.run_id))
     return 0 if result.status == "FINISHED" else 1
 
 
@@ -209,7 +233,7 @@ def _run_study(cfg, overrides, more, fork) -> int:
         values = ", ".join(f"{m} {v:.4f}" for (m, _), v in zip(study.sweep.objectives, t.values))
         print(f"best trial {t.number}: {values}\n  re-run: python -m fmnist_sweep {t.user_attrs.get('overrides', '')}")
     print(f"MLflow: experiment '{study.name}', parent run {study.parent_run_id} (plots and trials.csv there)")
-    print(_browse_hint(local_uri(cfg.tracking.uri)))
+    print(_browse_hint(local_uri(cfg.tracking.uri), study.tracker.experiment_id, study=study))
     return 0
 
 
@@ -224,6 +248,12 @@ def _study_command(opts, overrides) -> int:
     from .study import open_study
 
     command = opts["command"]
+    if command == "predict":
+        from .config import compose
+        from .predict import predict
+
+        print(predict(*opts["names"], compose(_where(overrides)).tracking.uri), end="")
+        return 0
     if command == "compare":
         from .compare import compare
 

@@ -271,7 +271,7 @@ def latent_plot(entry: Entry, client, path: Path, n: int = 2000) -> str:
 
     tmp = tempfile.mkdtemp()
     cfg = OmegaConf.load(client.download_artifacts(entry.run_id, "config.yaml", tmp))
-    state = torch.load(client.download_artifacts(entry.run_id, "model/state_dict.pt", tmp), weights_only=True)
+    state = torch.load(client.download_artifacts(entry.run_id, "weights/state_dict.pt", tmp), weights_only=True)
     model = instantiate(cfg.model)
     model.load_state_dict(state)
     model.eval()

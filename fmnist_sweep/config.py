@@ -123,6 +123,7 @@ RULES = {
     "model.blocks": (lambda v: all(isinstance(b, int) and b >= 1 for b in _each(v)), "integers >= 1"),
     "model.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "tracking.log_models": (lambda v: v in ("best", "all"), "best or all"),
     "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                        "auto, cpu, cuda or cuda:N"),
     "trainer.threads": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "auto or an integer >= 1"),

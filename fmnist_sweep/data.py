@@ -39,27 +39,30 @@ class DataError(UserError):
     pass
 
 
-def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
-    """Decode one gzipped IDX file (unsigned bytes), checking magic, shape and checksum."""
+def read_idx(path: Path, sha256: str | None = None, fix: str = FIX) -> np.ndarray:
+    """Decode one IDX file of unsigned bytes, gzipped or not, checking magic, shape and checksum;
+    ``fix`` ends every error's line."""
     try:
-        with gzip.open(path, "rb") as f:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: not a complete gzip file ({e}). {FIX}") from None
+        raise DataError(f"{path}: not a complete gzip file ({e}). {fix}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] not in (1, 3):
         raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'}, "
-                        f"expected 00000801 or 00000803). {FIX}")
+                        f"expected 00000801 or 00000803). {fix}")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: IDX header truncated. {FIX}")
+        raise DataError(f"{path}: IDX header truncated. {fix}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if len(raw) != header + int(np.prod(dims)):
         raise DataError(f"{path}: IDX header says shape {dims} ({int(np.prod(dims))} bytes) "
-                        f"but the file holds {len(raw) - header} bytes. {FIX}")
+                        f"but the file holds {len(raw) - header} bytes. {fix}")
     if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
         raise DataError(f"{path}: checksum mismatch (the contents are not the official "
-                        f"Fashion-MNIST file). {FIX}")
+                        f"Fashion-MNIST file). {fix}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -173,10 +176,12 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 @dataclass
 class Split:
-    """One split on the device: images (N, 1, 28, 28) float32 in [0, 1], labels int64."""
+    """One split on the device: images (N, 1, 28, 28) float32 in [0, 1], labels int64, and
+    a digest naming its contents (the data's checksum, the split's name and its indices)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    digest: str = ""
 
     def __len__(self) -> int:
         return len(self.y)
@@ -230,11 +235,13 @@ class FashionMNIST:
     val: Split
     test: Split
     checksum: str  # SHA-256 over the four decoded arrays
+    source: str = ""  # the folder the files were read from
 
 
-def _split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device) -> Split:
+def _split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device, checksum: str, name: str) -> Split:
     x = torch.from_numpy(images[idx]).to(device).unsqueeze(1).float().div_(255)
-    return Split(x, torch.from_numpy(labels[idx].astype(np.int64)).to(device))
+    digest = hashlib.sha256(f"{checksum}:{name}:".encode() + idx.astype("<i8").tobytes()).hexdigest()[:16]
+    return Split(x, torch.from_numpy(labels[idx].astype(np.int64)).to(device), digest)
 
 
 def load(cfg, device="cpu", checksums: dict[str, str] | None = None) -> FashionMNIST:
@@ -252,7 +259,7 @@ def load(cfg, device="cpu", checksums: dict[str, str] | None = None) -> FashionM
     if cfg.test_fraction < 1:
         test_idx, _ = stratified_split(arrays["test_labels"], cfg.test_fraction, cfg.split_seed + 2)
     return FashionMNIST(
-        train=_split(images, labels, train_idx, device),
-        val=_split(images, labels, val_idx, device),
-        test=_split(arrays["test_images"], arrays["test_labels"], test_idx, device),
-        checksum=checksum)
+        train=_split(images, labels, train_idx, device, checksum, "train"),
+        val=_split(images, labels, val_idx, device, checksum, "val"),
+        test=_split(arrays["test_images"], arrays["test_labels"], test_idx, device, checksum, "test"),
+        checksum=checksum, source=str(folder.resolve()))

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from . import train
 from .config import compose
 from .errors import UserError
+from .served import using_tracking_uri
 from .study import Study
 
 DROP = ("seed=", "data.val_fraction=", "trainer.test=", "trainer.early_stopping_patience=")
@@ -54,7 +55,8 @@ def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
         values = [r.metrics[metric] for r in results]
         rows.append({"trial": t.number, "metric": metric, "values": values, "mean": statistics.mean(values),
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "val": t.value,
-                     "runs": [r.run_id for r in results], "line": shlex.join(line)})
+                     "runs": [r.run_id for r in results], "models": [r.model_id for r in results],
+                     "line": shlex.join(line)})
     higher = rows[0]["metric"] == "test/accuracy"
     best = max(rows, key=lambda r: r["mean"] if higher else -r["mean"])
     version = register(study, best)
@@ -65,8 +67,10 @@ def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
     for r in rows:
         lines.append(f"| {r['trial']} | {r['val']:.4f} | {r['mean']:.4f} ± {r['std']:.4f} | "
                      + ", ".join(f"{v:.4f}" for v in r["values"]) + f" | `python -m fmnist_sweep {r['line']} seed=N` |")
-    lines += ["", f"Registered: model `{version.name}` version {version.version} "
-                  f"(trial {best['trial']}, seed 0, run {best['runs'][0]})."]
+    uri = f"models:/{version.name}/{version.version}"
+    lines += ["", f"Registered: `{uri}` (trial {best['trial']}, seed 0, run {best['runs'][0]}). Use it: "
+                  f"`python -m fmnist_sweep predict {uri} IMAGES`, `mlflow.pyfunc.load_model(\"{uri}\")`, "
+                  f"`mlflow models serve -m {uri} --env-manager local`."]
     text = "\n".join(lines) + "\n"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "final.md").write_text(text)
@@ -78,7 +82,7 @@ def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
 
 
 def register(study: Study, best: dict):
-    """The best configuration's seed-0 model as a new version of ``fmnist-<study>``."""
+    """The best configuration's seed-0 MLflow Model as a new version of ``fmnist-<study>``."""
     from mlflow.exceptions import MlflowException
 
     client, name = study.tracker.client, f"fmnist-{study.name}"
@@ -86,7 +90,9 @@ def register(study: Study, best: dict):
         client.create_registered_model(name, description=f"Best final model of study {study.name}")
     except MlflowException:
         pass  # it exists: add a version
-    run = client.get_run(best["runs"][0])
-    return client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                       tags={"optuna.study": study.name, "trial": str(best["trial"]),
-                                             "test_mean": f"{best['mean']:.4f}", "test_std": f"{best['std']:.4f}"})
+    model_id = best["models"][0]
+    with using_tracking_uri(study.tracker.uri):  # where the registry looks the logged model up
+        return client.create_model_version(name, f"models:/{model_id}", run_id=best["runs"][0], model_id=model_id,
+                                           tags={"optuna.study": study.name, "trial": str(best["trial"]),
+                                                 "test_mean": f"{best['mean']:.4f}",
+                                                 "test_std": f"{best['std']:.4f}"})

@@ -99,6 +99,25 @@ class Recovery:
         return ("process" not in t.user_attrs and grace is not None and t.datetime_start is not None
                 and (datetime.now() - t.datetime_start).total_seconds() > grace)
 
+    def settle(self) -> None:
+        """At the study's end: a RUNNING trial still without an owner (its worker was cut off
+        inside Optuna's ask, so no heartbeat will ever fail it) is waited for until
+        storage.grace_period after it started, then failed and re-queued; then end_orphans."""
+        s, grace = self.study, self.study.cfg.storage.get("grace_period")
+        while grace is not None:
+            ownerless = [t for t in s.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                         if "process" not in t.user_attrs and t.datetime_start is not None]
+            if not ownerless:
+                break
+            left = max(grace - (datetime.now() - t.datetime_start).total_seconds() for t in ownerless)
+            if left < 0:
+                self.recover()
+                break
+            print(f"trial {ownerless[0].number}: no worker recorded (cut off while it was created); "
+                  f"failing it in {left:.0f} s unless one takes it", flush=True)
+            time.sleep(min(left, 10) + 0.5)
+        self.end_orphans()
+
     def end_orphans(self) -> None:
         """This study's MLflow runs left RUNNING by trials Optuna has finished: ended KILLED."""
         s = self.study

@@ -166,7 +166,7 @@ class Study:
         if twin is not None:
             return _reuse(self, trial, twin, line, tags)
         result = train.run(cfg, line, report=_reporter(self, trial), parent_run_id=self.parent_run_id, tags=tags,
-                           tracker=self.tracker, name=f"trial {trial.number}")
+                           tracker=self.tracker, name=f"trial {trial.number}", log_model=_log_model(self))
         self.runs[trial.number] = result.run_id
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if result.status == "KILLED":
@@ -218,7 +218,7 @@ class Study:
                     self.recovery.taken_over = None
                     continue
                 self.recovery.pause(e)
-        self.reconnecting(self.recovery.end_orphans)
+        self.reconnecting(self.recovery.settle)
         self.tracker.end(self.parent_run_id, "FINISHED")
 
     def _after_trial(self, study, frozen) -> None:
@@ -281,6 +281,23 @@ def _reporter(study: Study, trial: optuna.Trial):
             raise study.storage_lost(trial, e) from e  # train.run then ends its run KILLED, not FAILED
 
     return report
+
+def _log_model(study: Study):
+    """Whether a finished trial logs its MLflow Model: all, or (tracking.log_models=best) one
+    whose objective beats every COMPLETE trial's so far (several objectives: all)."""
+    if study.cfg.tracking.get("log_models", "best") == "all" or len(study.sweep.objectives) > 1:
+        return True
+    metric, direction = study.sweep.objectives[0]
+
+    def best_so_far(result) -> bool:
+        try:
+            best = study.optuna.best_value
+        except ValueError:  # no COMPLETE trial yet
+            return True
+        value = result.metrics.get(metric)
+        return value is not None and (value > best if direction == "maximize" else value < best)
+    return best_so_far
+
 
 def _reuse(study: Study, trial, twin, line, tags):
     """Same composed config as a finished trial: take its result instead of retraining."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import subprocess
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
 
@@ -188,6 +191,23 @@ class Tracker:
             metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
+    def log_datasets(self, run_id: str, splits: dict, source: str) -> None:
+        """The run's data as MLflow dataset inputs, one request: ``splits`` maps a context
+        (training, validation, test) to a data.Split; each is named fashion-mnist-CONTEXT and
+        told apart by its digest (data checksum and indices), so runs on other splits differ."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types import Schema, TensorSpec
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        schema = json.dumps({"mlflow_tensorspec": {
+            "features": Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]).to_json(),
+            "targets": Schema([TensorSpec(np.dtype(np.int64), (-1,))]).to_json()}})
+        inputs = [DatasetInput(Dataset(f"fashion-mnist-{context}", split.digest, "local", json.dumps({"uri": source}),
+                                       schema, json.dumps({"num_rows": len(split)})),
+                               [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for context, split in splits.items()]
+        self.client.log_inputs(run_id, datasets=inputs)
+
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))
 
@@ -197,7 +217,7 @@ class Tracker:
 
 def resolve_checkpoint(ref: str | None, tracking_uri: str) -> str | None:
     """A local state_dict path for ``model.pretrained``: a file path, or the id
-    (or runs:/ID) of an MLflow run that logged model/state_dict.pt."""
+    (or runs:/ID) of an MLflow run that logged weights/state_dict.pt."""
     if ref is None:
         return None
     ref = str(ref)
@@ -209,10 +229,10 @@ def resolve_checkpoint(ref: str | None, tracking_uri: str) -> str | None:
         from mlflow.exceptions import MlflowException
 
         try:
-            return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/state_dict.pt",
+            return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights/state_dict.pt",
                                                        tracking_uri=local_uri(tracking_uri))
         except (MlflowException, OSError) as e:
-            raise UserError(f"model.pretrained={ref}: cannot fetch model/state_dict.pt from that MLflow run "
+            raise UserError(f"model.pretrained={ref}: cannot fetch weights/state_dict.pt from that MLflow run "
                             f"({str(e).splitlines()[0]}).") from None
     raise UserError(f"model.pretrained={ref}: no such file, and not an MLflow run id. "
                     "Fix: give the path of an autoencoder state_dict.pt or the run id of an autoencoder run.")

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import data as fmnist
+from . import served
 from .config import compose, config_fingerprint, validate
 from .errors import StorageLost, UserError
 from .models import count_params, fuse_conv_activations
@@ -38,6 +39,8 @@ class RunResult:
     history: list = field(default_factory=list)   # one dict of metrics per epoch
     message: str = ""
     traceback: str = ""    # of an unexpected error, for --verbose
+    model_id: str | None = None  # the MLflow Model the run logged (models:/ID), if it logged one
+    experiment_id: str = ""
 
 
 def select_device(name: str) -> torch.device:
@@ -364,11 +367,14 @@ def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augm
 
 
 def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
-        tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None) -> RunResult:
+        tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None,
+        log_model=True) -> RunResult:
     """Train ``cfg`` and record it as one MLflow run: build, fit, record.
 
     ``report(epoch, metrics) -> bool`` is called after every epoch; True stops the run as
-    pruned (status KILLED). A study passes its own ``tracker`` (its experiment) and parent run."""
+    pruned (status KILLED). A study passes its own ``tracker`` (its experiment) and parent run.
+    ``log_model``: whether a finished run logs its MLflow Model, or a function of the
+    RunResult (its final metrics) that says so."""
     validate(cfg)
     t_start = time.perf_counter()
     torch.set_num_threads(threads_for(cfg.trainer.threads))
@@ -380,14 +386,15 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     params["model.n_params"] = count_params(b.model)
     run_id = tracker.start(name or shlex.join(overrides) or "default", params, _run_tags(b, overrides, tags),
                            parent_run_id)
-    result = RunResult("RUNNING", run_id, b.monitor, None)
+    tracker.log_datasets(run_id, _inputs(b), b.data.source)
+    result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
     try:
         fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report)
         if result.status == "KILLED":
             tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
         else:
             _record_final(b, tracker, result, {"perf/train_seconds": time.perf_counter() - t_start,
-                                               "model/n_params": params["model.n_params"]})
+                                               "model/n_params": params["model.n_params"]}, log_model)
             result.status = "FINISHED"
         tracker.end(run_id, result.status)
         return result
@@ -413,13 +420,25 @@ def _run_tags(b: Built, overrides, tags: dict | None) -> dict:
             "fmnist.fingerprint": config_fingerprint(b.cfg), **(tags or {})}
 
 
-def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict) -> None:
-    """The finished run's last record: its best value, the test (or validation) evaluation and
-    the artifacts (config, weights, curves, per-class tables or reconstructions)."""
+def _tested(b: Built) -> bool:
+    """Whether the run's final evaluation is on the test split (asked, or no validation split)."""
+    return bool(b.cfg.trainer.test or not len(b.data.val))
+
+
+def _inputs(b: Built) -> dict:
+    """The splits the run reads, by MLflow dataset context."""
+    splits = {"training": b.data.train, "validation": b.data.val, "test": b.data.test if _tested(b) else []}
+    return {context: split for context, split in splits.items() if len(split)}
+
+
+def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict, log_model) -> None:
+    """The finished run's last record: its best value, the test (or validation) evaluation,
+    the artifacts (config, weights, curves, per-class tables or reconstructions) and, if
+    ``log_model`` says so, the MLflow Model (its final metrics linked to it)."""
     tcfg = b.cfg.trainer
     if result.best is not None:
         final[f"best/{b.monitor}"] = result.best
-    split_name = "test" if tcfg.test or not len(b.data.val) else "val"
+    split_name = "test" if _tested(b) else "val"
     split = getattr(b.data, split_name)
     ev = evaluate(b.model, split, tcfg.eval_batch_size, b.autocast, b.channels_last, keep_outputs=True,
                   flip=tcfg.eval_flip)
@@ -432,6 +451,9 @@ def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict) ->
     with tempfile.TemporaryDirectory() as tmp:
         _write_artifacts(Path(tmp), b.cfg, b.model, result.history, ev, split, split_name)
         tracker.log_artifacts(result.run_id, Path(tmp))
+    if log_model(result) if callable(log_model) else log_model:
+        result.model_id = served.log(tracker, result.run_id, b.model, served.as_pixels(split.x[:2]),
+                                     step=len(result.history))
 
 
 def _failed(b: Built, tracker: Tracker, result: RunResult, e: Exception) -> RunResult:
@@ -482,7 +504,7 @@ def _checkpoint(cfg, overrides, tracker: Tracker, parent_run_id) -> str | None:
         if result.status != "FINISHED":
             raise UserError(f"pretraining the autoencoder failed: {result.message}")
         run_id = result.run_id
-    return tracker.client.download_artifacts(run_id, "model/state_dict.pt", tempfile.mkdtemp())
+    return tracker.client.download_artifacts(run_id, "weights/state_dict.pt", tempfile.mkdtemp())
 
 
 def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> None:
@@ -490,9 +512,9 @@ def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> N
     from . import artifacts
 
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (out / "model").mkdir()
+    (out / "weights").mkdir()  # beside, not inside, the logged MLflow Model "model"
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-               out / "model" / "state_dict.pt")
+               out / "weights" / "state_dict.pt")
     artifacts.learning_curves_png(history, out / "learning_curves.png")
     if model.task == "classify":
         y = split.y.cpu().numpy()

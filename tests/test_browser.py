@@ -48,12 +48,14 @@ def wait_for(driver, text, seconds=60):
 
 
 @pytest.fixture
-def mlflow_ui(tiny_overrides, workdir, tmp_path):
-    """A 3-trial study, then `mlflow ui` as the README says, on a free loopback port."""
+def mlflow_ui(tiny_overrides, workdir, tmp_path, capsys):
+    """A 4-trial study, then `mlflow ui` as the README says, on a free loopback port; the UI's
+    address and the page of the `browse:` link the study printed."""
     sweep = tmp_path / "browse.yaml"
     sweep.write_text("objective: val/accuracy\nn_trials: 4\nsampler: {name: random, seed: 0}\n"
                      "params:\n  optimizer.lr: tag(log, interval(1e-4, 1e-2))\n")
     assert main([f"sweep={sweep}", *tiny_overrides, "trainer.epochs=4", "trainer.test=true"]) == 0
+    link = capsys.readouterr().out.split("then open http://127.0.0.1:5000/", 1)[1].split()[0]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlruns.db",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=workdir,
@@ -61,18 +63,44 @@ def mlflow_ui(tiny_overrides, workdir, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc, what="mlflow ui")
-    yield url
+    yield url, link
     proc.terminate()
     proc.wait(30)
+
+
+def printed_link_ranks_trials_with_their_datasets_and_models(driver, url, link, experiment_id):
+    """The study's `browse:` link: its trials (not the parent), best first, each with its
+    datasets; those that logged a model (the best so far when each ended) show it. The
+    best trial's page lists its datasets and links its metrics to its model."""
+    runs = json.load(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/ajax-api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"experiment_ids": [experiment_id], "filter": "tags.`optuna.study` = 'browse'"}).encode())))
+    trials = sorted((r for r in runs["runs"] if r["info"]["run_name"].startswith("trial")),
+                    key=lambda r: -next(m["value"] for m in r["data"]["metrics"] if m["key"] == "val/accuracy"))
+    driver.get(f"{url}/{link}")
+    body = wait_for(driver, "4 matching runs")
+    assert "study browse" not in body and "Dataset" in body and "Models" in body
+    names = [line for line in body.splitlines() if line.startswith("trial ")]
+    assert names == [r["info"]["run_name"] for r in trials]  # ranked by the objective
+    assert body.count("fashion-mnist-training") == 4 and "model" in body.split("Models", 1)[1]
+    time.sleep(1)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SHOTS / "mlflow-ui-trials.png"))
+    driver.get(f"{url}/#/experiments/{experiment_id}/runs/{trials[0]['info']['run_id']}")
+    body = wait_for(driver, "fashion-mnist-training")
+    assert "Datasets" in body and "Models" in body and "\nmodel\n" in body
+    driver.save_screenshot(str(SHOTS / "mlflow-ui-trial-page.png"))
 
 
 def test_study_parent_and_trials_are_listed_and_artifacts_reachable(mlflow_ui, tmp_path):
     from selenium.webdriver.common.by import By
 
+    mlflow_ui, link = mlflow_ui
     exps = json.load(urllib.request.urlopen(f"{mlflow_ui}/ajax-api/2.0/mlflow/experiments/search?max_results=50"))
     exp = next(e for e in exps["experiments"] if e["name"] == "browse")
     driver = chrome(tmp_path)
     try:
+        printed_link_ranks_trials_with_their_datasets_and_models(driver, mlflow_ui, link, exp["experiment_id"])
         driver.get(f"{mlflow_ui}/#/experiments/{exp['experiment_id']}/runs")
         wait_for(driver, "study browse")
         for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):

@@ -38,4 +38,5 @@ def test_one_epoch_on_a_real_slice_through_the_cli(real_data, workdir):
     assert r.data.metrics["test/accuracy"] > 0.45
     assert len(client.get_metric_history(r.info.run_id, "test/accuracy")) == 1  # touched once, at the end
     names = {f.path for f in client.list_artifacts(r.info.run_id)}
-    assert {"confusion_matrix_test.png", "classification_report_test.csv", "model"} <= names
+    assert {"confusion_matrix_test.png", "classification_report_test.csv", "weights"} <= names
+    assert r.outputs.model_outputs  # a single run logs its MLflow Model

@@ -44,14 +44,14 @@ def test_run_is_recorded_with_params_metrics_tags_artifacts(tiny_overrides, work
     assert "test/loss" in r.data.metrics
 
     files = artifact_paths(client, r.info.run_id)
-    for name in ("config.yaml", "model/state_dict.pt", "learning_curves.png", "confusion_matrix_test.png",
+    for name in ("config.yaml", "weights/state_dict.pt", "learning_curves.png", "confusion_matrix_test.png",
                  "classification_report_test.csv", "classification_report_test.txt"):
         assert name in files
     local = client.download_artifacts(r.info.run_id, "")
     header, *rows = open(f"{local}/classification_report_test.csv").read().splitlines()
     assert header == "class,precision,recall,f1-score,support"
     assert rows[6].startswith("Shirt,") and len(rows) == 12
-    state = torch.load(f"{local}/model/state_dict.pt", weights_only=True)
+    state = torch.load(f"{local}/weights/state_dict.pt", weights_only=True)
     model = instantiate(compose(overrides).model)
     model.load_state_dict(state)
     assert open(f"{local}/config.yaml").read().startswith("data:")
@@ -83,8 +83,8 @@ def test_autoencoder_run_and_pretrained_frozen_encoder_from_its_run_id(tiny_over
     _, runs = mlflow_runs(workdir)
     clf = runs[1]
     assert clf.data.metrics["val/accuracy"] >= 0
-    ae_state = torch.load(client.download_artifacts(ae.info.run_id, "model/state_dict.pt"), weights_only=True)
-    clf_state = torch.load(client.download_artifacts(clf.info.run_id, "model/state_dict.pt"), weights_only=True)
+    ae_state = torch.load(client.download_artifacts(ae.info.run_id, "weights/state_dict.pt"), weights_only=True)
+    clf_state = torch.load(client.download_artifacts(clf.info.run_id, "weights/state_dict.pt"), weights_only=True)
     enc = [k for k in ae_state if k.startswith("encoder.")]
     assert enc and all(torch.equal(ae_state[k], clf_state[k]) for k in enc)  # frozen: unchanged
 

@@ -426,32 +426,10 @@ def test_pretrained_autoencoder_is_trained_once_and_reused(tiny_overrides, workd
     clf = [r for r in runs if r.data.tags.get("fmnist.model") == "encoder_classifier"]
     assert len(pre) == 1 and len(clf) == 2
     assert pre[0].data.tags["fmnist.model"] == "autoencoder" and pre[0].data.params["model.latent_dim"] == "8"
-    ae = torch.load(client.download_artifacts(pre[0].info.run_id, "model/state_dict.pt"), weights_only=True)
+    ae = torch.load(client.download_artifacts(pre[0].info.run_id, "weights/state_dict.pt"), weights_only=True)
     for r in clf:
-        state = torch.load(client.download_artifacts(r.info.run_id, "model/state_dict.pt"), weights_only=True)
+        state = torch.load(client.download_artifacts(r.info.run_id, "weights/state_dict.pt"), weights_only=True)
         assert all(torch.equal(ae[k], state[k]) for k in ae if k.startswith("encoder."))
-
-
-def test_finalize_retrains_best_over_seeds_tests_once_and_registers(tiny_overrides, workdir, tmp_path, capsys):
-    sweep = lr_sweep(tmp_path, 3)
-    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
-    capsys.readouterr()
-    assert main(["finalize", "mine", "--top-k", "2", "--seeds", "2", "trainer.epochs=2"]) == 0
-    out = capsys.readouterr().out
-    assert "| trial | val (val/accuracy) | test/accuracy mean ± std |" in out
-    assert "Registered: model `fmnist-mine` version 1" in out
-    client, runs = mlflow_runs(workdir, "mine")
-    finals = [r for r in runs if r.data.tags.get("fmnist.role") == "final"]
-    assert len(finals) == 4
-    for r in finals:
-        assert r.data.params["data.val_fraction"] == "0" and r.data.params["trainer.epochs"] == "2"
-        assert "val/accuracy" not in r.data.metrics and "test/accuracy" in r.data.metrics
-    best = optuna.load_study(study_name="mine", storage=storage(workdir)).best_trial
-    assert {r.data.tags["fmnist.final_of_trial"] for r in finals} >= {str(best.number)}
-    (version,) = client.search_model_versions("name='fmnist-mine'")
-    assert version.run_id in {r.info.run_id for r in finals}
-    parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "study")
-    assert "final/accuracy_mean" in parent.data.metrics
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "cmaes", "gp", "nsga2",
