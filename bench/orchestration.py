@@ -2,14 +2,17 @@
 against a no-op Optuna objective, for each storage and tracking store, side by side.
 
 Each trial is a real fmnist_sweep trial (compose, suggest, MLflow child run with the
-config as params, 20 epochs of metrics logged one batch per epoch with an Optuna
-report each, final evaluation, artifacts rendered and stored, tell) whose training and
-evaluation are replaced by instant stand-ins: what is left is the orchestration. Its
-median per-trial time is printed with its split and as a share of a 30-second trial.
+config as params and the splits as dataset inputs, 20 epochs of metrics logged one batch
+per epoch with an Optuna report each, final evaluation, artifacts rendered and stored,
+the MLflow Model exported and logged when the trial is the best so far, tell) whose
+training and evaluation are replaced by instant stand-ins: what is left is the
+orchestration. Per trial: the median of the rest plus the mean of the model logging (it
+happens on some trials only), with its split and as a share of a 30-second trial.
 
     python bench/orchestration.py                           # sqlite, journal (+ postgres) x local (+ server)
     python bench/orchestration.py --pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/postgres
     python bench/orchestration.py --quick                   # 3 trials, sqlite + local: checks it runs
+    python bench/orchestration.py --log-models all          # every trial logs its MLflow Model
 """
 
 from __future__ import annotations
@@ -146,7 +149,12 @@ def measure(label: str, overrides: list[str], trials: int, epochs: int) -> dict:
     per = []
     for (t0, s0), (t1, s1) in zip(stamps[1:], stamps[2:]):
         per.append({"total": t1 - t0, **{k: s1.get(k, 0) - s0.get(k, 0) for k in s1}})
-    med = {k: statistics.median(p.get(k, 0) for p in per) for k in per[0]}
+    # Model logging happens on some trials only: its mean, added to the median of the rest.
+    model = statistics.mean(p.get("model", 0) for p in per)
+    med = {k: statistics.median(p.get(k, 0) for p in per) for k in per[0] if k != "model"}
+    med["total"] = statistics.median(p["total"] - p.get("model", 0) for p in per) + model
+    med["model"] = model
+    med["logged"] = sum(p.get("model", 0) > 0 for p in per)
     return med
 
 
@@ -211,6 +219,11 @@ def main():
     ap.add_argument("--tracking", default="local,server")
     ap.add_argument("--pg-url", default=os.environ.get("FMNIST_TEST_PG_URL"),
                     help="an admin URL of a PostgreSQL server (a fresh database is made beside it)")
+    ap.add_argument("--log-models", default="best", choices=("best", "all"),
+                    help="tracking.log_models: which trials log their MLflow Model")
+    ap.add_argument("--without-record", action="store_true",
+                    help="each line also measured with no MLflow Model and no dataset inputs logged (the baseline "
+                         "of that record), side by side")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -226,7 +239,7 @@ def main():
     data = [f"data.root={work / 'data'}", "data.verify=false", "data.download=false", "data.train_fraction=1.0",
             "data.val_fraction=0.2"]
     stand_ins()
-    instrument("artifacts", "mlflow", "optuna")
+    instrument("artifacts", "mlflow", "optuna", "model")
 
     server = None
     if "server" in args.tracking:
@@ -244,28 +257,51 @@ def main():
     base = noop_ms(max(args.trials, 20))
     print(f"{args.trials} trials per line (median), {args.epochs} epochs of metrics each, standard artifacts; "
           f"baseline: no-op Optuna objective in memory, {base:.2f} ms/trial")
-    print(f"{'storage + tracking':<24}{'ms/trial':>10}{'optuna':>9}{'mlflow':>9}{'artifacts':>11}{'other':>8}"
-          f"{'% of 30 s trial':>17}")
+    print(f"tracking.log_models={args.log_models}")
+    print(f"{'storage + tracking':<40}{'ms/trial':>10}{'optuna':>9}{'mlflow':>9}{'artifacts':>11}{'model':>8}"
+          f"{'logged':>8}{'other':>8}{'% of 30 s trial':>17}")
     try:
         for tracking in args.tracking.split(","):
             for storage in storages:
-                over = [*data, f"storage={storage}", f"tracking={tracking}"]
+                over = [*data, f"storage={storage}", f"tracking={tracking}", f"tracking.log_models={args.log_models}"]
                 if storage == "postgres":
                     os.environ["FMNIST_STORAGE_URL"] = fresh_pg_database(args.pg_url, f"bench_orch_{tracking}")
-                label = f"{storage} + {tracking}"
-                m = measure(label, over, args.trials, args.epochs)
-                total = (m["total"] * 1000) - base
-                parts = {k: m.get(k, 0) * 1000 for k in ("optuna", "mlflow", "artifacts")}
-                other = total - sum(parts.values())
-                print(f"{label:<24}{total:>10.0f}{parts['optuna']:>9.0f}{parts['mlflow']:>9.0f}"
-                      f"{parts['artifacts']:>11.0f}{other:>8.0f}{100 * total / 1000 / TRIAL_SECONDS:>16.2f}%",
-                      flush=True)
+                for record in (True, False) if args.without_record else (True,):
+                    label = f"{storage} + {tracking}" + ("" if record else " without record")
+                    with no_record(not record):
+                        m = measure(label, over, args.trials, args.epochs)
+                    row(label, m, base, args.trials)
     finally:
         if server:
             server.terminate()
             server.wait(30)
-    print("ms/trial = median trial cycle - no-op baseline; other = compose, suggest, model build, "
-          "pruning reports, progress line")
+    print("ms/trial = median trial cycle without model logging + its mean (model; logged: trials that "
+          "logged one) - no-op baseline; other = compose, suggest, model build, pruning reports, progress line")
+
+
+@contextlib.contextmanager
+def no_record(on: bool):
+    """With ``on``: runs log no MLflow Model and no dataset inputs (the baseline of that record)."""
+    from fmnist_sweep import served
+    from fmnist_sweep.tracking import Tracker
+
+    kept = served.log, Tracker.log_datasets
+    if on:
+        served.log, Tracker.log_datasets = (lambda *a, **k: None), (lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        served.log, Tracker.log_datasets = kept
+
+
+def row(label: str, m: dict, base: float, trials: int) -> None:
+    """One line of the table."""
+    total = (m["total"] * 1000) - base
+    parts = {k: m.get(k, 0) * 1000 for k in ("optuna", "mlflow", "artifacts", "model")}
+    other = total - sum(parts.values())
+    print(f"{label:<40}{total:>10.0f}{parts['optuna']:>9.0f}{parts['mlflow']:>9.0f}"
+          f"{parts['artifacts']:>11.0f}{parts['model']:>8.0f}{m['logged']:>5}/{trials:<2}"
+          f"{other:>8.0f}{100 * total / 1000 / TRIAL_SECONDS:>16.2f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,17 @@ def timed(owner, name, bucket):
 
 
 def instrument(artifacts="artifact rendering (plots, tables, weights)", mlflow="mlflow logging",
-               storage="optuna storage") -> None:
-    """Count the time spent in artifact rendering, MLflow calls and Optuna storage calls."""
+               storage="optuna storage", models="mlflow model (export, save, upload)") -> None:
+    """Count the time spent in artifact rendering, MLflow calls, logging MLflow Models and
+    Optuna storage calls."""
     import optuna
 
-    from fmnist_sweep import train
+    from fmnist_sweep import served, train
     from fmnist_sweep.tracking import Tracker
 
     timed(train, "_write_artifacts", artifacts)
-    for name in ("start", "log", "log_artifacts", "end"):
+    timed(served, "log", models)
+    for name in ("start", "log", "log_datasets", "log_artifacts", "end"):
         timed(Tracker, name, mlflow)
     for cls in (optuna.storages.RDBStorage, optuna.storages.JournalStorage):
         for name in [n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))]:

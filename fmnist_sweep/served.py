@@ -7,6 +7,7 @@ run it in any process with torch and MLflow."""
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -89,7 +90,9 @@ def log(tracker, run_id: str, model: nn.Module, example: np.ndarray, step: int) 
     served = Served(stock(model))
     logged = tracker.client.create_logged_model(tracker.experiment_id, name="model", source_run_id=run_id,
                                                 model_type="classifier" if served.classify else "autoencoder")
-    with using_tracking_uri(tracker.uri):
+    with using_tracking_uri(tracker.uri), warnings.catch_warnings():
+        # nn.RNN/LSTM re-point their flat weights while traced: torch's note on it is not the user's concern.
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         # The signature and requirements given: MLflow infers neither (each costs a model load).
         mlflow.pytorch.log_model(served, name="model", model_id=logged.model_id, run_id=run_id, step=step,
                                  signature=signature(served.classify), input_example=example,

@@ -56,7 +56,7 @@ def test_throughput_baseline_is_built_from_torch_layers_only():
 def test_trial_breakdown_quick(workdir, tiny_data):
     out = bench("trial_breakdown.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
-    for bucket in ("train", "evaluate", "mlflow logging", "optuna storage", "artifact rendering"):
+    for bucket in ("train", "evaluate", "mlflow logging", "optuna storage", "artifact rendering", "mlflow model"):
         assert bucket in out
 
 
@@ -73,6 +73,12 @@ def test_orchestration_quick(workdir):
     assert re.search(r"exit, last output line -> process gone .*: [0-9.]+ s; baseline, .*: [0-9.]+ s", out)
     assert any(line.startswith("sqlite + local") and line.rstrip().endswith("%") for line in out.splitlines())
     assert "trial 0: COMPLETE" not in out  # the studies' own lines stay out of the table
+
+
+def test_model_logging_quick(workdir):
+    out = bench("model_logging.py")
+    (row,) = [line for line in out.splitlines() if line.startswith("cnn ")]
+    assert row.count(" ms") == 2 and "first export in a process (cnn" in out
 
 
 def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
