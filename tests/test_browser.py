@@ -75,20 +75,29 @@ def printed_link_ranks_trials_with_their_datasets_and_models(driver, url, link, 
     runs = json.load(urllib.request.urlopen(urllib.request.Request(
         f"{url}/ajax-api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"experiment_ids": [experiment_id], "filter": "tags.`optuna.study` = 'browse'"}).encode())))
-    trials = sorted((r for r in runs["runs"] if r["info"]["run_name"].startswith("trial")),
-                    key=lambda r: -next(m["value"] for m in r["data"]["metrics"] if m["key"] == "val/accuracy"))
+    accuracy = {r["info"]["run_name"]: next(m["value"] for m in r["data"]["metrics"] if m["key"] == "val/accuracy")
+                for r in runs["runs"] if r["info"]["run_name"].startswith("trial")}
+    with_model = [r for r in runs["runs"] if r.get("outputs", {}).get("model_outputs")]
+    from selenium.webdriver.common.by import By
+
     driver.get(f"{url}/{link}")
+    wait_for(driver, "4 matching runs")
+    for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
+        driver.execute_script("arguments[0].click()", close)  # the assistant side panel
     body = wait_for(driver, "4 matching runs")
-    assert "study browse" not in body and "Dataset" in body and "Models" in body
-    names = [line for line in body.splitlines() if line.startswith("trial ")]
-    assert names == [r["info"]["run_name"] for r in trials]  # ranked by the objective
+    lines = body.splitlines()
+    assert "study browse" not in lines and "Dataset" in lines and "Models" in lines
+    names = [line for line in lines if line.startswith("trial ")]
+    assert sorted(names) == sorted(accuracy)
+    assert [accuracy[n] for n in names] == sorted(accuracy.values(), reverse=True)  # ranked by the objective
     assert body.count("fashion-mnist-training") == 4 and "model" in body.split("Models", 1)[1]
     time.sleep(1)
     SHOTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(SHOTS / "mlflow-ui-trials.png"))
-    driver.get(f"{url}/#/experiments/{experiment_id}/runs/{trials[0]['info']['run_id']}")
+    assert with_model  # the first trial is the best so far when it ends
+    driver.get(f"{url}/#/experiments/{experiment_id}/runs/{with_model[0]['info']['run_id']}")
     body = wait_for(driver, "fashion-mnist-training")
-    assert "Datasets" in body and "Models" in body and "\nmodel\n" in body
+    assert "Models" in body.splitlines() and "\nmodel\n" in body  # its metrics link to its model
     driver.save_screenshot(str(SHOTS / "mlflow-ui-trial-page.png"))
 
 
@@ -100,7 +109,6 @@ def test_study_parent_and_trials_are_listed_and_artifacts_reachable(mlflow_ui, t
     exp = next(e for e in exps["experiments"] if e["name"] == "browse")
     driver = chrome(tmp_path)
     try:
-        printed_link_ranks_trials_with_their_datasets_and_models(driver, mlflow_ui, link, exp["experiment_id"])
         driver.get(f"{mlflow_ui}/#/experiments/{exp['experiment_id']}/runs")
         wait_for(driver, "study browse")
         for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
@@ -143,5 +151,7 @@ def test_study_parent_and_trials_are_listed_and_artifacts_reachable(mlflow_ui, t
         png = urllib.request.urlopen(f"{mlflow_ui}/get-artifact?path=confusion_matrix_test.png&run_uuid={run_id}")
         assert png.status == 200 and png.read(8) == b"\x89PNG\r\n\x1a\n"
         driver.save_screenshot(str(SHOTS / "mlflow-ui-trial-artifacts.png"))
+        # Last: the UI keeps the link's filter for the experiment's runs view.
+        printed_link_ranks_trials_with_their_datasets_and_models(driver, mlflow_ui, link, exp["experiment_id"])
     finally:
         driver.quit()
