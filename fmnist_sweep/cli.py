@@ -7,6 +7,7 @@
     python -m fmnist_sweep compare NAME [NAME ...]       families, levels over seeds, per-class tables
     python -m fmnist_sweep workers -n N [override ...]   N local workers of one study
     python -m fmnist_sweep predict MODEL_URI IMAGES      classes of images from a logged model
+    python -m fmnist_sweep storage-proxy [override ...]   Optuna's gRPC storage proxy for many workers
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep compare NAME [NAME ...] [--out DIR] [override ...]
        python -m fmnist_sweep workers [-n N] [--per-gpu K] [override ...]
        python -m fmnist_sweep predict MODEL_URI IMAGES [override ...]
+       python -m fmnist_sweep storage-proxy [--host H] [--port P] storage=postgres
 
 Train one model with the configuration Hydra composes from conf/ and the
 overrides (key=value, group=option), recording the run in MLflow. With a sweep
@@ -50,13 +52,16 @@ options:
   -n N         workers: how many (default: one per GPU slot, else one 1-thread worker
                per core; CPU cores are split so that workers x threads = cores)
   --per-gpu K  workers: how many share one GPU (default 1)
+  --host H     storage-proxy: the address to listen on (default 127.0.0.1; 0.0.0.0: all)
+  --port P     storage-proxy: the port (default 13000; workers: storage.proxy.port=P)
   --cfg        print the composed configuration and exit
   --verbose    show full tracebacks on errors (also HYDRA_FULL_ERROR=1)
   -h, --help   this text
 """
 
 COMMANDS = ("status", "report", "finalize")
-NUMBER_OPTIONS = {"--more": "more", "--top-k": "top_k", "--seeds": "seeds", "-n": "n", "--per-gpu": "per_gpu"}
+NUMBER_OPTIONS = {"--more": "more", "--top-k": "top_k", "--seeds": "seeds", "-n": "n", "--per-gpu": "per_gpu",
+                  "--port": "port"}
 
 
 def _browse_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None, study=None) -> str:
@@ -84,10 +89,11 @@ def _parse(argv: list[str]):
     from .errors import UserError
 
     opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "top_k": 3, "seeds": 3,
-            "n": None, "per_gpu": 1, "command": None, "study": None, "names": [], "out": None}
+            "n": None, "per_gpu": 1, "command": None, "study": None, "names": [], "out": None,
+            "host": "127.0.0.1", "port": 13000}
     rest, i = [], 0
-    if argv and argv[0] == "workers":
-        opts["command"], i = "workers", 1
+    if argv and argv[0] in ("workers", "storage-proxy"):
+        opts["command"], i = argv[0], 1
     elif argv and argv[0] == "compare":
         opts["command"], i = "compare", 1
         while i < len(argv) and "=" not in argv[i] and not argv[i].startswith("-"):
@@ -109,6 +115,10 @@ def _parse(argv: list[str]):
         a = argv[i]
         if a in ("--verbose", "--cfg", "--fork"):
             opts[a[2:]] = True
+        elif a == "--host":
+            if opts["command"] != "storage-proxy" or i + 1 >= len(argv):
+                raise UserError("--host H goes with storage-proxy: python -m fmnist_sweep storage-proxy --host 0.0.0.0")
+            opts["host"], i = argv[i + 1], i + 1
         elif a == "--out":
             if opts["command"] != "compare" or i + 1 >= len(argv):
                 raise UserError("--out DIR goes with compare: python -m fmnist_sweep compare NAME --out DIR")
@@ -150,13 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .errors import UserError
 
+    opts = {}
     try:
         opts, overrides = _parse(argv)
-        if opts["command"] and opts["command"] != "workers":
+        if opts["command"] and opts["command"] not in ("workers", "storage-proxy"):
             return _study_command(opts, overrides)
         from .config import compose
 
         cfg = compose(overrides)
+        if opts["command"] == "storage-proxy":
+            from .storage import serve_proxy
+
+            serve_proxy(cfg.storage, opts["host"], opts["port"])
+            return 0
         if opts["command"] == "workers":
             if cfg.sweep is None:
                 raise UserError("workers run a study: add +experiment=NAME (or sweep=NAME)")
@@ -179,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked KILLED; a study resumes with the same command",
-              file=sys.stderr)
+        print("storage proxy stopped" if opts.get("command") == "storage-proxy" else
+              "interrupted: the MLflow run is marked KILLED; a study resumes with the same command", file=sys.stderr)
         return 130
 
 

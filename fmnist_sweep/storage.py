@@ -1,7 +1,8 @@
-"""The Optuna storage a study lives in: SQLite (the embedded default), a journal file, or
-PostgreSQL. Durability is Optuna's: heartbeats, and a retry callback that re-queues the
-trial of a worker that stopped beating. What this module adds is how a worker opens it:
-the first process creates a fresh store while the others wait for it."""
+"""The Optuna storage a study lives in: SQLite (the embedded default), a journal file,
+PostgreSQL, Optuna's gRPC proxy in front of one, or a journal on Redis. Durability is
+Optuna's: heartbeats (RDB storages), and a retry callback that re-queues the trial of a
+worker that stopped beating. What this module adds is how a worker opens it: the first
+process creates a fresh store while the others wait for it."""
 
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ from .tracking import first_creates, sqlite_wal, sync_at_checkpoints
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
 
+
+def _network_errors() -> tuple:
+    """What a lost gRPC proxy or Redis server raises (their clients are dependencies)."""
+    import grpc
+    import redis.exceptions
+
+    return grpc.RpcError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
+
+
 # What a cut connection to the study storage raises (Optuna wraps some as StorageInternalError).
-CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
+CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError, *_network_errors())
 
 
 def connection_error(e: BaseException | None) -> BaseException | None:
@@ -88,13 +98,20 @@ def retry_callback(cfg_storage: DictConfig) -> optuna.storages.RetryHeartbeatSta
 
 def describe(cfg_storage: DictConfig) -> str:
     """Where the storage is, for messages: a file path, or a URL without its credentials."""
-    url = str(cfg_storage.get("url") or cfg_storage.get("path"))
+    if "proxy" in cfg_storage:
+        return f"grpc://{cfg_storage.proxy.host}:{cfg_storage.proxy.port} (storage proxy)"
+    url = str(cfg_storage.get("url") or cfg_storage.get("path") or cfg_storage.get("redis_url"))
     path = sqlite_path(url)
     return str(path) if path is not None else url.split("@")[-1]
 
 
 def make_storage(cfg_storage: DictConfig):
-    """The study storage the config names: an RDB URL with heartbeats, or a journal file."""
+    """The study storage the config names: an RDB URL with heartbeats, a storage proxy, a
+    journal on Redis, or a journal file."""
+    if "proxy" in cfg_storage:
+        return _proxy(cfg_storage.proxy)
+    if "redis_url" in cfg_storage:
+        return _redis_journal(cfg_storage)
     if "url" not in cfg_storage:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -116,6 +133,41 @@ def make_storage(cfg_storage: DictConfig):
             return WorkerStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
     except Exception as e:
         raise UserError(_cannot_open(url, path, e)) from None
+
+
+def _proxy(cfg_proxy: DictConfig):
+    """A client of Optuna's gRPC storage proxy, once the proxy answers."""
+    proxy = optuna.storages.GrpcStorageProxy(host=cfg_proxy.host, port=int(cfg_proxy.port))
+    try:
+        proxy.wait_server_ready(timeout=cfg_proxy.connect_timeout)
+    except ConnectionError:
+        proxy.close()
+        raise UserError(f"the storage proxy {cfg_proxy.host}:{cfg_proxy.port} did not answer within "
+                        f"{cfg_proxy.connect_timeout} s. Fix: start it (python -m fmnist_sweep storage-proxy "
+                        "storage=postgres), or set $FMNIST_PROXY_HOST / $FMNIST_PROXY_PORT.") from None
+    return proxy
+
+
+def _redis_journal(cfg_storage: DictConfig):
+    """Optuna's journal storage on the Redis server at storage.redis_url."""
+    from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+    try:
+        return JournalStorage(JournalRedisBackend(cfg_storage.redis_url, prefix=cfg_storage.prefix))
+    except CONNECTION_ERRORS as e:
+        where = cfg_storage.redis_url.split("@")[-1]
+        raise UserError(f"cannot open the Optuna storage {where}: {str(e).splitlines()[0]}. Fix: start Redis "
+                        "there, or set $FMNIST_REDIS_URL.") from None
+
+
+def serve_proxy(cfg_storage: DictConfig, host: str, port: int) -> None:
+    """Run Optuna's gRPC storage proxy for the RDB storage the config names, until stopped."""
+    if "url" not in cfg_storage:
+        raise UserError("storage-proxy serves a database storage: add storage=postgres (or storage=sqlite)")
+    storage = make_storage(cfg_storage)
+    print(f"storage proxy for {describe(cfg_storage)} on {host}:{port}; workers: storage=grpc "
+          f"storage.proxy.host=HOST storage.proxy.port={port}", flush=True)
+    optuna.storages.run_grpc_proxy_server(storage, host=host, port=port)
 
 
 def _cannot_open(url: str, path: Path | None, e: Exception) -> str:
