@@ -15,6 +15,13 @@ COPY conf conf
 COPY sweeps sweeps
 RUN pip install --no-cache-dir ".[postgres,dashboard]" && rm -rf /src
 
+# Every service (worker, MLflow server, dashboard, storage proxy) runs as an
+# unprivileged user; the folders its volumes mount on are its own, so a fresh named
+# volume takes that owner.
+RUN useradd --create-home --uid 10001 fmnist \
+    && mkdir -p /cache /work /mlartifacts && chown fmnist:fmnist /cache /work /mlartifacts
+USER fmnist
+
 # Data and decoded-tensor cache on a volume (downloaded once, shared by workers);
 # the work dir holds nothing a worker needs to keep (storage and tracking are servers).
 ENV FMNIST_CACHE_DIR=/cache FMNIST_SWEEP_DIR=/work

@@ -35,7 +35,8 @@ def test_services_healthchecks_volumes_ports():
 def test_workers_run_the_distributed_command_and_it_composes(monkeypatch):
     monkeypatch.setenv("PGPASSWORD", "unused")
     for name in ("worker", "worker-gpu"):
-        command = [c.replace("${EXPERIMENT:-quickstart}", "quickstart") for c in COMPOSE["services"][name]["command"]]
+        command = [c.replace("${EXPERIMENT:-quickstart}", "quickstart").replace("${STORAGE:-postgres}", "postgres")
+                   for c in COMPOSE["services"][name]["command"]]
         assert "storage=postgres" in command and "tracking=server" in command
         monkeypatch.setenv("FMNIST_STORAGE_URL", COMPOSE["services"][name]["environment"]["FMNIST_STORAGE_URL"])
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
@@ -64,6 +65,24 @@ def test_docker_compose_config_parses(tmp_path):
     missing = subprocess.run([cli, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
                              env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
+
+
+def test_the_storage_proxy_service_serves_the_workers_database(monkeypatch):
+    proxy = COMPOSE["services"]["storage-proxy"]
+    assert proxy["command"][:1] == ["storage-proxy"] and "storage=postgres" in proxy["command"]
+    port = proxy["command"][proxy["command"].index("--port") + 1]
+    monkeypatch.setenv("FMNIST_PROXY_HOST", COMPOSE["services"]["worker"]["environment"]["FMNIST_PROXY_HOST"])
+    cfg = compose(["+experiment=quickstart", "storage=grpc"])
+    assert cfg.storage.proxy.host == "storage-proxy" and str(cfg.storage.proxy.port) == port
+
+
+def test_every_service_of_the_image_runs_unprivileged():
+    text = (ROOT / "Dockerfile").read_text()
+    user = re.search(r"^USER (\S+)$", text, re.M)
+    assert user and user.group(1) not in ("root", "0") and "useradd" in text
+    assert text.index("USER ") < text.index("ENTRYPOINT")  # what every service of the image runs as
+    for name, svc in COMPOSE["services"].items():
+        assert "user" not in svc or svc["user"] not in ("root", "0"), name
 
 
 def test_dockerfile_installs_the_wheel_with_its_configs():
