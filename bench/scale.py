@@ -7,7 +7,7 @@ trials/s, p50/p99 latency of ask+tell as a worker waits for it, and the storage 
 CPU share (its processes' CPU time over wall time x cores, read from /proc).
 
     python bench/scale.py --pg-url postgresql://postgres@127.0.0.1:5432/postgres --plot docs/scale.png
-    python bench/scale.py --quick --pg-url ...      # N = 2, 4; histories 0 and 50; 2 s each
+    python bench/scale.py --quick --pg-url ...      # N = 2; histories 0 and 50; 1 s each
 """
 
 from __future__ import annotations
@@ -156,6 +156,15 @@ def fresh_pg_database(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
+def drop_pg_database(admin_url: str, name: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    engine.dispose()
+
+
 def start_proxy(url: str) -> tuple[subprocess.Popen, int]:
     """`python -m fmnist_sweep storage-proxy` in front of ``url``, on a free port."""
     with socket.socket() as s:
@@ -214,11 +223,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.workers, args.histories, args.seconds = "2,4", "0,50", 2
+        args.workers, args.histories, args.seconds = "2", "0,50", 1
     kinds = [k for k in args.storages.split(",") if args.pg_url or k == "redis"]
     if len(kinds) < len(args.storages.split(",")):
         print("postgres and grpc skipped: give --pg-url (or set FMNIST_TEST_PG_URL)")
-    url = fresh_pg_database(args.pg_url.replace("+psycopg2", ""), "bench_scale") if args.pg_url else None
+    admin = args.pg_url.replace("+psycopg2", "") if args.pg_url else None
+    url = fresh_pg_database(admin, f"bench_scale_{os.getpid()}") if admin else None
     proxy, port = start_proxy(url) if "grpc" in kinds else (None, None)
     prefix = f"bench-scale-{os.getpid()}"
     where = {"url": url, "port": port, "redis": args.redis_url, "prefix": prefix}
@@ -244,6 +254,8 @@ def main():
             proxy.terminate()
             proxy.wait(30)
         _drop_redis(args.redis_url, prefix)
+        if admin:
+            drop_pg_database(admin, url.rsplit("/", 1)[1])
     for kind in kinds:
         for h in map(int, args.histories.split(",")):
             rows = [r for r in results if r["kind"] == kind and r["history"] == h]

@@ -81,6 +81,35 @@ def test_model_logging_quick(workdir):
     assert row.count(" ms") == 2 and "first export in a process (cnn" in out
 
 
+def test_scale_quick(workdir, tmp_path):
+    import os
+
+    url = os.environ.get("FMNIST_TEST_PG_URL")
+    if not url:
+        pytest.skip("$FMNIST_TEST_PG_URL is not set (CI sets it): no PostgreSQL for bench/scale.py")
+    out = bench("scale.py", "--pg-url", url, "--plot", str(tmp_path / "scale.png"))
+    rows = [line.split() for line in out.splitlines() if line.startswith(("postgres ", "grpc ", "redis "))]
+    assert {r[0] for r in rows} == {"postgres", "grpc", "redis"} and len(rows) == 6
+    assert all(float(r[3]) > 0 and r[-1] == "0" for r in rows)  # trials ran, no worker refused
+    assert "workers with 30 s trials served within 5% per trial" in out and (tmp_path / "scale.png").is_file()
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: bench/gpu_check.sh runs the check instead")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "no CUDA device here: the GPU check did nothing\n"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_throughput.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "no CUDA device here: nothing measured\n"
+    reqs = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_carry.py"), "requirements"],
+                          capture_output=True, text=True, timeout=60).stdout.split()
+    assert "mlflow>=3.0" in reqs and not any(r.startswith("torch") for r in reqs)  # the machine's torch stays
+
+
 def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
     out = bench("sweep_efficiency.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0", "--plot", str(tmp_path / "eff.png"))
