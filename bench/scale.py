@@ -220,8 +220,13 @@ def main():
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--processes", type=int, default=os.cpu_count())
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--plot-from", nargs="+", metavar="OUTPUT",
+                    help="only plot the table lines of saved outputs of this script (runs of one storage each)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.plot_from:
+        plot(read_tables(args.plot_from), args.plot or "scale.png")
+        return
     if args.quick:
         args.workers, args.histories, args.seconds = "2", "0,50", 1
     kinds = [k for k in args.storages.split(",") if args.pg_url or k == "redis"]
@@ -264,6 +269,18 @@ def main():
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
+
+
+def read_tables(paths: list[str]) -> list[dict]:
+    """The table lines of saved outputs: storage, history, workers, trials/s."""
+    rows = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            cells = line.split()
+            if cells and cells[0] in SERVERS and len(cells) >= 4 and cells[2].isdigit():
+                rows.append({"kind": cells[0], "history": int(cells[1].replace(",", "")), "n": int(cells[2]),
+                             "trials_s": float(cells[3])})
+    return rows
 
 
 def _drop_redis(url: str, prefix: str) -> None:
