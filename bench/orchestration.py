@@ -211,6 +211,19 @@ def exit_figures(overrides: list[str], repeats: int) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(plain)
 
 
+def start_and_exit(data: list[str], quick: bool) -> None:
+    """Print the start-up and exit figures of a single run."""
+    real = ["data.root=/usr/share/datasets/fashion-mnist"] if Path(
+        "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file() and not quick else data
+    start = startup_seconds(real, 0 if quick else 3)
+    print(f"start-up, `python -m fmnist_sweep` -> first training step "
+          f"({'one process, decoding included' if quick else 'decoded data cached'}, "
+          f"{'full Fashion-MNIST' if real is not data else 'tiny data'}): {start:.2f} s (target <= 10 s)")
+    ours, plain = exit_figures(data, 1 if quick else 3)
+    print(f"exit, last output line -> process gone (a 1-epoch run, tiny data): {ours:.2f} s; "
+          f"baseline, the same main() with the interpreter's full teardown: {plain:.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=10)
@@ -245,15 +258,7 @@ def main():
     if "server" in args.tracking:
         server, uri = start_mlflow_server(work)
         os.environ["MLFLOW_TRACKING_URI"] = uri
-    real = ["data.root=/usr/share/datasets/fashion-mnist"] if Path(
-        "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file() and not args.quick else data
-    start = startup_seconds(real, 0 if args.quick else 3)
-    print(f"start-up, `python -m fmnist_sweep` -> first training step "
-          f"({'one process, decoding included' if args.quick else 'decoded data cached'}, "
-          f"{'full Fashion-MNIST' if real is not data else 'tiny data'}): {start:.2f} s (target <= 10 s)")
-    ours, plain = exit_figures(data, 1 if args.quick else 3)
-    print(f"exit, last output line -> process gone (a 1-epoch run, tiny data): {ours:.2f} s; "
-          f"baseline, the same main() with the interpreter's full teardown: {plain:.2f} s")
+    start_and_exit(data, args.quick)
     base = noop_ms(max(args.trials, 20))
     print(f"{args.trials} trials per line (median), {args.epochs} epochs of metrics each, standard artifacts; "
           f"baseline: no-op Optuna objective in memory, {base:.2f} ms/trial")

@@ -75,7 +75,10 @@ class Recovery:
             if t.number in retried or not self._abandoned(t, held):
                 continue
             if t.state == TrialState.RUNNING:
-                s.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                try:
+                    s.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker's recovery failed it first, and re-queues it
             s.retry(s.optuna, t)  # a WAITING copy of its parameters and attributes
             if t.number in s.runs:  # its result never reached the study
                 s.tracker.log(s.runs[t.number], {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
