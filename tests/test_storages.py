@@ -96,7 +96,7 @@ def test_grpc_proxy_study_goes_on_past_a_killed_worker_and_a_restarted_proxy(tin
         return optuna.load_study(study_name="mine", storage=database).trials
 
     args = [f"sweep={lr_sweep(tmp_path, 8)}", "storage=grpc", f"storage.proxy.port={port}",
-            "storage.retry_pause=1", *tiny_overrides, "trainer.epochs=3"]
+            "storage.retry_pause=2", *tiny_overrides, "trainer.epochs=3"]  # pauses of 2..10 s outlast a restart
     try:
         killed = kill_in_a_trial(args, trials)
         outputs = [[], []]
