@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pgdb import fresh_database  # noqa: E402
 from trial_breakdown import SPENT, instrument  # noqa: E402
 
 TRIAL_SECONDS = 30.0  # the issue's reference trial
@@ -93,18 +94,6 @@ def start_mlflow_server(work: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     proc.kill()
     sys.exit(f"mlflow server did not start (log: {log.name})")
-
-
-def fresh_pg_database(url: str, name: str) -> str:
-    """A new database next to the one ``url`` names; returns its URL."""
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    engine.dispose()
-    return url.rsplit("/", 1)[0] + "/" + name
 
 
 def noop_ms(n: int) -> float:
@@ -270,7 +259,7 @@ def main():
             for storage in storages:
                 over = [*data, f"storage={storage}", f"tracking={tracking}", f"tracking.log_models={args.log_models}"]
                 if storage == "postgres":
-                    os.environ["FMNIST_STORAGE_URL"] = fresh_pg_database(args.pg_url, f"bench_orch_{tracking}")
+                    os.environ["FMNIST_STORAGE_URL"] = fresh_database(args.pg_url, f"bench_orch_{tracking}")
                 for record in (True, False) if args.without_record else (True,):
                     label = f"{storage} + {tracking}" + ("" if record else " without record")
                     with no_record(not record):

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pgdb import drop_database, fresh_database  # noqa: E402
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -145,26 +148,6 @@ def fill(storage, study_name: str, history: int) -> None:
         study.add_trials(trials[i:i + 500])
 
 
-def fresh_pg_database(admin_url: str, name: str) -> str:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
-
-
-def drop_pg_database(admin_url: str, name: str) -> None:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    engine.dispose()
-
-
 def start_proxy(url: str) -> tuple[subprocess.Popen, int]:
     """`python -m fmnist_sweep storage-proxy` in front of ``url``, on a free port."""
     with socket.socket() as s:
@@ -233,7 +216,7 @@ def main():
     if len(kinds) < len(args.storages.split(",")):
         print("postgres and grpc skipped: give --pg-url (or set FMNIST_TEST_PG_URL)")
     admin = args.pg_url.replace("+psycopg2", "") if args.pg_url else None
-    url = fresh_pg_database(admin, f"bench_scale_{os.getpid()}") if admin else None
+    url = fresh_database(admin, f"bench_scale_{os.getpid()}") if admin else None
     proxy, port = start_proxy(url) if "grpc" in kinds else (None, None)
     prefix = f"bench-scale-{os.getpid()}"
     where = {"url": url, "port": port, "redis": args.redis_url, "prefix": prefix}
@@ -260,7 +243,7 @@ def main():
             proxy.wait(30)
         _drop_redis(args.redis_url, prefix)
         if admin:
-            drop_pg_database(admin, url.rsplit("/", 1)[1])
+            drop_database(admin, url.rsplit("/", 1)[1])
     for kind in kinds:
         for h in map(int, args.histories.split(",")):
             rows = [r for r in results if r["kind"] == kind and r["history"] == h]

@@ -89,8 +89,8 @@ class Recovery:
 
     def _abandoned(self, t, held: int | None) -> bool:
         """A trial no worker will finish: the one a lost connection stopped here (running, or
-        failed by it), the waiting one this worker took just before, one whose process on this
-        host is gone, or one still without an owner a grace period after it started (its worker
+        failed by it), the waiting trial this worker holds (taken from the queue when the
+        connection was lost), one whose process on this host is gone, or one still without an owner a grace period after it started (its worker
         died or was cut off inside Optuna's ask, before the trial reached the objective)."""
         if t.state == TrialState.FAIL:
             return t.number == self.cut

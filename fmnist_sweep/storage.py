@@ -6,6 +6,7 @@ process creates a fresh store while the others wait for it."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,16 +23,17 @@ from .tracking import first_creates, sqlite_wal, sync_at_checkpoints
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
 
 
-def _network_errors() -> tuple:
-    """What a lost gRPC proxy or Redis server raises (their clients are dependencies)."""
-    import grpc
-    import redis.exceptions
-
-    return grpc.RpcError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
-
-
-# What a cut connection to the study storage raises (Optuna wraps some as StorageInternalError).
-CONNECTION_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError, *_network_errors())
+def connection_errors() -> tuple:
+    """What a cut connection to the study storage raises: the database driver's errors (Optuna
+    wraps some as StorageInternalError), and those of the gRPC proxy's and Redis's clients
+    where a storage of that kind has imported them (an unimported client raises nothing, and
+    a process on a database storage never pays their import)."""
+    errors = [sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError]
+    if (grpc := sys.modules.get("grpc")) is not None:
+        errors.append(grpc.RpcError)
+    if (redis := sys.modules.get("redis.exceptions")) is not None:
+        errors += [redis.ConnectionError, redis.TimeoutError]
+    return tuple(errors)
 
 
 def connection_error(e: BaseException | None) -> BaseException | None:
@@ -41,7 +43,7 @@ def connection_error(e: BaseException | None) -> BaseException | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, CONNECTION_ERRORS):
+        if isinstance(e, connection_errors()):
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -65,7 +67,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             super().record_heartbeat(trial_id)
-        except CONNECTION_ERRORS:
+        except connection_errors():
             pass
 
 
@@ -154,7 +156,7 @@ def _redis_journal(cfg_storage: DictConfig):
 
     try:
         return JournalStorage(JournalRedisBackend(cfg_storage.redis_url, prefix=cfg_storage.prefix))
-    except CONNECTION_ERRORS as e:
+    except connection_errors() as e:
         where = cfg_storage.redis_url.split("@")[-1]
         raise UserError(f"cannot open the Optuna storage {where}: {str(e).splitlines()[0]}. Fix: start Redis "
                         "there, or set $FMNIST_REDIS_URL.") from None

@@ -26,7 +26,7 @@ from . import train
 from .config import compose, config_fingerprint, flat_keys
 from .errors import StorageLost, UserError
 from .recovery import CUT, Recovery
-from .storage import CONNECTION_ERRORS, describe, make_storage, retry_callback, sqlite_path
+from .storage import connection_errors, describe, make_storage, retry_callback, sqlite_path
 from .sweep import load_sweep, make_pruner, make_sampler
 from .tracking import Tracker
 
@@ -134,7 +134,7 @@ class Study:
             with contextlib.suppress(Exception):  # counted apart from failures (by number: a retry copies it)
                 trial.set_user_attr("fmnist.interrupted", trial.number)
             raise
-        except (*CONNECTION_ERRORS, optuna.exceptions.UpdateFinishedTrialError) as e:
+        except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
             raise self.storage_lost(trial, e) from e
 
     def storage_lost(self, trial: optuna.Trial, e: Exception) -> StorageLost:
@@ -277,7 +277,7 @@ def _reporter(study: Study, trial: optuna.Trial):
         try:
             trial.report(metrics[metric], epoch)
             return trial.should_prune()
-        except (*CONNECTION_ERRORS, optuna.exceptions.UpdateFinishedTrialError) as e:
+        except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
             raise study.storage_lost(trial, e) from e  # train.run then ends its run KILLED, not FAILED
 
     return report
