@@ -29,13 +29,16 @@ USAGE = """usage: python -m fmnist_sweep [options] [override ...]
 Train one model with the configuration Hydra composes from conf/ and the
 overrides (key=value, group=option), recording the run in MLflow. With a sweep
 (e.g. +experiment=autoencoder_latent) run an Optuna study instead; running the
-same command again resumes it.
+same command again resumes it. With a time budget (+experiment=best
+budget.hours=H or budget.minutes=M) plan, search, train the final models and
+register the best by the deadline.
 
 examples:
   python -m fmnist_sweep
   python -m fmnist_sweep model=bilstm optimizer=adam optimizer.lr=0.01 trainer.epochs=3
   python -m fmnist_sweep +experiment=quickstart
   python -m fmnist_sweep +experiment=quickstart --more 5
+  python -m fmnist_sweep +experiment=best budget.hours=2
   python -m fmnist_sweep status quickstart
   python -m fmnist_sweep finalize quickstart --top-k 3 --seeds 3 trainer.epochs=15
   python -m fmnist_sweep compare torch_ae_latent
@@ -184,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
+        from .best import budget_seconds
+
+        if budget_seconds(cfg) is not None:
+            from . import best
+
+            return best.run(cfg, overrides)
         if cfg.sweep is not None:
             return _run_study(cfg, overrides, opts["more"], opts["fork"])
         if opts["more"] is not None or opts["fork"]:

@@ -93,6 +93,13 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _seconds(v) -> bool:
+    try:
+        return float(v) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _each(v):
     return list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
 
@@ -134,6 +141,11 @@ RULES = {
     "data.train_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "data.test_fraction": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (lambda v: isinstance(v, int), "an integer"),
+    "trainer.deadline": (lambda v: v is None or _seconds(v), "null or a Unix time in seconds"),
+    "budget.hours": (lambda v: v is None or (_number(v) and v > 0), "null or a number of hours > 0"),
+    "budget.minutes": (lambda v: v is None or (_number(v) and v > 0), "null or a number of minutes > 0"),
+    "budget.search_share": (lambda v: _number(v) and 0 <= v < 1, "a share of the budget in [0, 1)"),
+    "budget.seeds": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
 }
 
 
@@ -165,6 +177,6 @@ def config_fingerprint(cfg: DictConfig) -> str:
         c.pop(key, None)
     for key in ("root", "cache_dir", "download", "mirror"):
         c["data"].pop(key, None)
-    for key in ("progress", "threads", "eval_batch_size"):
+    for key in ("progress", "threads", "eval_batch_size", "deadline"):
         c["trainer"].pop(key, None)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]

@@ -93,6 +93,8 @@ def log(tracker, run_id: str, model: nn.Module, example: np.ndarray, step: int) 
     with using_tracking_uri(tracker.uri), warnings.catch_warnings():
         # nn.RNN/LSTM re-point their flat weights while traced: torch's note on it is not the user's concern.
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        # Weights that are views of one storage (on the CPU here) are archived whole: torch says so.
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
         # The signature and requirements given: MLflow infers neither (each costs a model load).
         mlflow.pytorch.log_model(served, name="model", model_id=logged.model_id, run_id=run_id, step=step,
                                  signature=signature(served.classify), input_example=example,

@@ -189,7 +189,7 @@ class Study:
         """Run trials until the study holds its budget of COMPLETE+PRUNED trials.
 
         Many workers may run this on one storage: each stops when, after a trial, the budget
-        is met (Optuna's MaxTrialsCallback), so a study of N workers may end with up to N-1
+        is met (Optuna's MaxTrialsCallback) or ``trainer.deadline`` has passed, so a study of N workers may end with up to N-1
         trials more than its budget (the ones running when it was met)."""
         done = self.reconnecting(self.finished)
         self.target = self.n_trials if more is None else done + more
@@ -205,7 +205,8 @@ class Study:
         while True:
             try:
                 self.recovery.recover()
-                self.optuna.optimize(self.objective, callbacks=callbacks, catch=(TrialFailed,))
+                self.optuna.optimize(self.objective, callbacks=callbacks, catch=(TrialFailed,),
+                                     timeout=_until(self.cfg.trainer.get("deadline")))
                 break
             except KeyboardInterrupt:
                 self.recovery.interrupted()
@@ -325,7 +326,8 @@ class Progress:
             shown = f"FAIL ({frozen.user_attrs.get('failure', 'see MLflow')})"
         elif frozen.state == TrialState.PRUNED:
             value = frozen.intermediate_values.get(frozen.last_step)
-            shown = f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
+            shown = (f"PRUNED at epoch {frozen.last_step}" + (f" ({value:.4f})" if value is not None else "")
+                     if frozen.last_step is not None else "PRUNED before its first epoch")
         else:
             shown = f"{frozen.state.name} " + " ".join(
                 f"{m} {v:.4f}" for (m, _), v in zip(self.study.sweep.objectives, frozen.values or []))
@@ -338,6 +340,11 @@ class Progress:
 def interrupted(t) -> bool:
     """A trial stopped by Ctrl-C (by its number: a retry copies the attribute, not the number)."""
     return t.state == TrialState.FAIL and t.user_attrs.get("fmnist.interrupted") == t.number
+
+
+def _until(deadline) -> float | None:
+    """Seconds from now to a Unix-time deadline (none: None): Optuna starts no trial after them."""
+    return None if deadline is None else max(0.0, float(deadline) - time.time())
 
 
 def _finished(counts: dict[str, int]) -> int:

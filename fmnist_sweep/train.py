@@ -303,16 +303,23 @@ def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | Non
 def fit(b: Built, result: RunResult, log, report=None) -> None:
     """The epoch loop: train, evaluate, log(epoch, metrics), report (True: prune), early stop.
     Fills ``result`` (history, best; status KILLED when pruned); the best epoch's weights
-    are loaded back when early stopping is on."""
+    are loaded back when early stopping is on. No epoch starts past ``trainer.deadline`` minus
+    the last epoch's duration: the run ends KILLED, cut short."""
     tcfg = b.cfg.trainer
     generator = torch.Generator().manual_seed(b.cfg.seed)
     n_batches = math.ceil(len(b.data.train) / tcfg.batch_size)
     scheduler = make_scheduler(tcfg.lr_schedule, b.optimizer, tcfg.epochs * n_batches)
     augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None  # only what is on
     best_state, stale = None, 0
+    deadline, last = (float(tcfg.deadline) if tcfg.get("deadline") else None), 0.0
     with _progress(tcfg.progress) as bar:
         for epoch in range(1, tcfg.epochs + 1):
+            if deadline is not None and time.time() + last > deadline:  # this epoch would end past it
+                result.status, result.message = "KILLED", f"cut short at the deadline after epoch {epoch - 1}"
+                return
+            t0 = time.perf_counter()
             metrics = _epoch(b, bar, epoch, n_batches, generator, scheduler, augment)
+            last = time.perf_counter() - t0
             log(epoch, metrics)
             result.history.append({"epoch": epoch, **metrics})
             result.metrics = dict(metrics)
@@ -391,7 +398,7 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     try:
         fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report)
         if result.status == "KILLED":
-            tracker.log(run_id, {}, tags={"fmnist.pruned": "true"})
+            tracker.log(run_id, {}, tags={"fmnist.pruned": "true", "fmnist.stopped": result.message})
         else:
             _record_final(b, tracker, result, {"perf/train_seconds": time.perf_counter() - t_start,
                                                "model/n_params": params["model.n_params"]}, log_model)

@@ -1,0 +1,118 @@
+"""How +experiment=best spends its budget: this machine's training speed, measured in a
+few seconds, and from it the search's share, its trials and the final models' epochs."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from . import data as fmnist
+from . import train
+
+PARALLEL = 1.15  # k 1-thread runs on k cores at once: each slower than alone (shared caches, memory)
+TRIAL_OVERHEAD = 3.0   # seconds per trial beside its epochs: MLflow records, artifacts, a model now and then
+RUN_OVERHEAD = 15.0    # per final run: a fresh process's imports, data, test evaluation, the MLflow Model
+PRUNED_SHARE = 0.45    # Hyperband's trials train this share of the longest trial's epochs on average
+
+
+def _speed(b: train.Built, threads: int, seconds: float) -> dict:
+    """Training and evaluation images/s of a built run with ``threads`` threads: a warm-up
+    batch, then training batches for about ``seconds``, then a flip-averaged evaluation."""
+    torch.set_num_threads(threads)
+    tcfg, gen = b.cfg.trainer, torch.Generator().manual_seed(0)
+    augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None
+    x, y = b.data.train.x, b.data.train.y
+    batch = fmnist.Split(x[:tcfg.batch_size], y[:tcfg.batch_size])
+
+    def step() -> None:
+        train.train_epoch(b.model, b.optimizer, batch, tcfg.batch_size, gen, b.autocast, b.channels_last,
+                          lambda *_: None, None, augment)
+
+    step()  # warm-up: first-call allocations and kernel choices
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        step()
+        n += len(batch)
+    train_ips = n / (time.perf_counter() - t0)
+    part = fmnist.Split(x[:512], y[:512])  # (training images: never the test split)
+    train.evaluate(b.model, part, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
+    t0 = time.perf_counter()
+    train.evaluate(b.model, part, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
+    return {"train": train_ips, "eval": len(part) / (time.perf_counter() - t0)}
+
+
+def measure(cfg, threads: list[int], seconds: float = 2.0) -> dict:
+    """Images/s of ``cfg``'s model on this machine for each thread count, and its splits' sizes."""
+    b = train.build(cfg, [], None, None)
+    speed = {k: _speed(b, k, seconds) for k in sorted(set(threads))}
+    torch.set_num_threads(train.threads_for("auto"))
+    n_all = round(len(b.data.train) / cfg.data.train_fraction) + len(b.data.val)  # the final models' images
+    return {"threads": speed, "n_train": len(b.data.train), "n_val": len(b.data.val), "n_all": n_all,
+            "n_test": len(b.data.test)}
+
+
+def waves(seeds: int, cores: int) -> list[tuple[int, int]]:
+    """(runs at once, threads each) per wave of final runs: as many runs as cores, the cores
+    shared out among them (workers x threads = cores)."""
+    out = []
+    while seeds > 0:
+        k = min(seeds, cores)
+        out.append((k, cores // k))
+        seeds -= k
+    return out
+
+
+def epoch_seconds(speed: dict, threads: int, n_train: int, n_val: int, at_once: int = 1) -> float:
+    """Seconds of one epoch (training, then the validation evaluation) with ``at_once`` runs sharing the machine."""
+    s = speed["threads"][threads]
+    return (n_train / s["train"] + n_val / s["eval"]) * (PARALLEL if at_once > 1 else 1.0)
+
+
+class Plan:
+    """The budget's split: a safety margin, the search (seconds, trials and fidelities, one
+    1-thread worker per core) and the final models (epochs, seeds, waves)."""
+
+    def __init__(self, total: float, left: float, cores: list[int], speed: dict, cfg, attrs: dict):
+        self.total, self.left, self.cores, self.speed, self.cfg = total, left, cores, speed, cfg
+        self.seeds = cfg.budget.seeds
+        self.waves = waves(self.seeds, len(cores))
+        self.margin = float(attrs.get("budget.margin_s", min(0.1 * total, 20 + 0.02 * total)))
+        usable = total - self.margin
+        self.search_seconds = float(attrs.get("budget.search_seconds", cfg.budget.search_share * usable))
+        epoch = epoch_seconds(speed, 1, speed["n_train"], speed["n_val"], at_once=len(cores))
+        self.trial_seconds = cfg.trainer.epochs * epoch + TRIAL_OVERHEAD
+        self.min_trial_seconds = epoch + TRIAL_OVERHEAD
+        self.n_trials = math.floor(len(cores) * self.search_seconds / (PRUNED_SHARE * self.trial_seconds))
+        self.final_epochs = plan_final(self, usable - self.search_seconds)
+
+    def final_epoch_seconds(self) -> float:
+        """Seconds per epoch of all the final runs together, wave after wave."""
+        return sum(epoch_seconds(self.speed, threads, self.speed["n_all"], 0, at_once=k) for k, threads in self.waves)
+
+    def text(self) -> str:
+        s, f = self.speed, self.cfg.data.train_fraction
+        speeds = ", ".join(f"{k} thread{'s' if k > 1 else ''}: {v['train']:,.0f} training / {v['eval']:,.0f} "
+                           f"evaluation images/s" for k, v in s["threads"].items())
+        final_seconds = self.final_epochs * self.final_epoch_seconds() + len(self.waves) * RUN_OVERHEAD
+        end = time.strftime("%H:%M", time.localtime(time.time() + self.left))
+        return "\n".join([
+            f"plan: {len(self.cores)} cores; {self.cfg.model._target_.rsplit('.', 1)[-1]} {speeds}",
+            f"  search {_m(self.search_seconds)}: {len(self.cores)} workers x 1 thread, about {self.n_trials} "
+            f"trials of 1 to {self.cfg.trainer.epochs} epochs (Hyperband) on {f:.0%} of the training images "
+            f"({s['n_train']:,}), judged on {s['n_val']:,} validation images",
+            f"  final {_m(final_seconds)}: the best configuration on all {s['n_all']:,} images for {self.final_epochs} "
+            f"epochs, seeds 0..{self.seeds - 1} in waves of {[k for k, _ in self.waves]} runs; each tested once",
+            f"  margin {_m(self.margin)}; expected end {end}"])
+
+
+def plan_final(plan: Plan, seconds: float) -> int:
+    """The final models' epochs that fit in ``seconds`` (0: none fit)."""
+    test = sum(plan.speed["n_test"] / plan.speed["threads"][t]["eval"] for _, t in plan.waves)
+    return max(0, math.floor((seconds - len(plan.waves) * RUN_OVERHEAD - test) / plan.final_epoch_seconds()))
+
+
+def _m(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
