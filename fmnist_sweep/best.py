@@ -30,10 +30,10 @@ class Clock:
     user attributes every few seconds (a daemon thread) and at each phase's end; with it
     the study's parent run logs the time left and the best validation accuracy so far."""
 
-    def __init__(self, study, total: float, every: float = 10.0):
+    def __init__(self, study, total: float, started: float, every: float = 10.0):
         self.study, self.total, self.every = study, total, every
         self.before = float(study.optuna.user_attrs.get("budget.spent", 0.0))
-        self.t0 = time.time()
+        self.t0 = started
         self._stop = threading.Event()
 
     def spent(self) -> float:
@@ -81,8 +81,9 @@ def budget_seconds(cfg) -> float | None:
     return 3600.0 * (b.get("hours") or 0) + 60.0 * (b.get("minutes") or 0)
 
 
-def run(cfg, overrides: list[str]) -> int:
-    """The whole command: plan, search, final models, registration, report; exit code."""
+def run(cfg, overrides: list[str], started: float) -> int:
+    """The whole command, its clock running since ``started`` (Unix time): plan, search,
+    final models, registration, report; the exit code."""
     from .study import Study
 
     total = budget_seconds(cfg)
@@ -95,9 +96,9 @@ def run(cfg, overrides: list[str]) -> int:
         print(report(study, attrs), end="")
         return 0
     cores = sorted(os.sched_getaffinity(0))
-    with Clock(study, total) as clock:
+    with Clock(study, total, started) as clock:
         print(f"budget {_hm(total)}: {_hm(clock.spent())} spent before, {_hm(clock.left())} left", flush=True)
-        speed = measure(cfg, [1] + [t for _, t in waves(cfg.budget.seeds, len(cores))])
+        speed = measure(cfg, [1] + [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total))
         plan = Plan(total, clock.left(), cores, speed, cfg, attrs)
         print(plan.text(), flush=True)
         for key, value in (("budget.total", total), ("budget.search_seconds", plan.search_seconds),
@@ -129,7 +130,8 @@ def _phase(study, clock: Clock, name: str, work) -> None:
 
 
 def search(study, clock: Clock, plan: Plan, overrides: list[str]) -> None:
-    """The study's trials on one 1-thread worker per core until the search's deadline."""
+    """The study's trials on one worker per GPU, else one 1-thread worker per core, until the
+    search's deadline."""
     from .workers import launch
 
     seconds = plan.search_seconds - float(study.optuna.user_attrs.get("budget.phase.search", 0.0))
@@ -137,16 +139,16 @@ def search(study, clock: Clock, plan: Plan, overrides: list[str]) -> None:
         print("search: no time left for a trial; the final models take the best so far", flush=True)
         return
     deadline = clock.deadline(seconds)
-    print(f"search: until {_clock(deadline)}, {len(plan.cores)} workers", flush=True)
+    print(f"search: until {_clock(deadline)}, {plan.workers} workers", flush=True)
     os.environ["FMNIST_DEADLINE"] = f"{deadline:.0f}"
     try:
         line = [o for o in overrides if not o.startswith(("budget.", "study.n_trials="))]
-        launch(study.cfg, line + [f"study.name={study.name}"], len(plan.cores), 1, None)
+        launch(study.cfg, line + [f"study.name={study.name}"], plan.workers, 1, None)
     finally:
         del os.environ["FMNIST_DEADLINE"]
     if not study.best_trials():
-        raise UserError("the search finished no trial within its share of the budget: raise budget.hours "
-                        "or budget.search_share")
+        print("search: no trial finished within its share of the budget; the final models take the sweep's "
+              "first configuration", flush=True)
 
 
 def final(study, clock: Clock, plan: Plan) -> None:
@@ -156,9 +158,9 @@ def final(study, clock: Clock, plan: Plan) -> None:
 
     attrs = study.optuna.user_attrs
     if "budget.final.trial" not in attrs:
-        trial = study.best_trials()[0]
+        trial = _chosen(study)
         # Sized with the chosen configuration's own speed (its batch size) on all the images.
-        plan.speed = measure(compose(final_line(trial, 1)), [t for _, t in plan.waves])
+        plan.speed = measure(compose(final_line(trial, 1)), [t for _, t in plan.waves], _probe(plan.total))
         epochs = plan_final(plan, clock.left() - plan.margin)
         if epochs < 1:
             raise UserError(f"no time left for the final models ({_hm(clock.left())} left): raise the budget")
@@ -166,10 +168,24 @@ def final(study, clock: Clock, plan: Plan) -> None:
         study.optuna.set_user_attr("budget.final.epochs", epochs)
         attrs = study.optuna.user_attrs
     trial = study.optuna.trials[attrs["budget.final.trial"]]
-    print(f"final: trial {trial.number} (val {trial.value:.4f}) on train+val for "
+    val = f"val {trial.value:.4f}" if trial.value is not None else "not finished in the search"
+    print(f"final: trial {trial.number} ({val}) on train+val for "
           f"{attrs['budget.final.epochs']} epochs, seeds 0..{plan.seeds - 1}; "
           f"{_hm(clock.left())} left", flush=True)
     run_waves(study, trial, attrs["budget.final.epochs"], plan, clock.deadline(clock.left() - 0.5 * plan.margin))
+
+
+def _chosen(study):
+    """The search's best trial; without a finished one, the first trial (the sweep's first
+    enqueued configuration) that started."""
+    best = study.best_trials()
+    if best:
+        return best[0]
+    started = [t for t in study.optuna.get_trials(deepcopy=False) if "overrides" in t.user_attrs]
+    if not started:
+        raise UserError("the search started no trial within its share of the budget: raise budget.hours "
+                        "or budget.search_share")
+    return started[0]
 
 
 def register(study) -> None:
@@ -219,6 +235,11 @@ def report(study, attrs: dict) -> str:
         uri = f"models:/{attrs['budget.registered']}"
         lines.append(f"- registered: {uri} (python -m fmnist_sweep predict {uri} IMAGES)")
     return "\n".join(lines) + "\n"
+
+
+def _probe(total: float) -> float:
+    """Seconds of training batches per speed measurement: 2, less for a budget of minutes."""
+    return min(2.0, total / 200)
 
 
 def _hm(seconds: float) -> str:

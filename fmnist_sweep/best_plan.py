@@ -79,13 +79,16 @@ class Plan:
         self.total, self.left, self.cores, self.speed, self.cfg = total, left, cores, speed, cfg
         self.seeds = cfg.budget.seeds
         self.waves = waves(self.seeds, len(cores))
+        # The search's workers, as `workers` starts them: one per GPU, else one 1-thread worker per core.
+        gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
+        self.workers = gpus or len(cores)
         self.margin = float(attrs.get("budget.margin_s", min(0.1 * total, 20 + 0.02 * total)))
         usable = total - self.margin
         self.search_seconds = float(attrs.get("budget.search_seconds", cfg.budget.search_share * usable))
-        epoch = epoch_seconds(speed, 1, speed["n_train"], speed["n_val"], at_once=len(cores))
+        epoch = epoch_seconds(speed, 1, speed["n_train"], speed["n_val"], at_once=self.workers)
         self.trial_seconds = cfg.trainer.epochs * epoch + TRIAL_OVERHEAD
         self.min_trial_seconds = epoch + TRIAL_OVERHEAD
-        self.n_trials = math.floor(len(cores) * self.search_seconds / (PRUNED_SHARE * self.trial_seconds))
+        self.n_trials = math.floor(self.workers * self.search_seconds / (PRUNED_SHARE * self.trial_seconds))
         self.final_epochs = plan_final(self, usable - self.search_seconds)
 
     def final_epoch_seconds(self) -> float:
@@ -100,7 +103,7 @@ class Plan:
         end = time.strftime("%H:%M", time.localtime(time.time() + self.left))
         return "\n".join([
             f"plan: {len(self.cores)} cores; {self.cfg.model._target_.rsplit('.', 1)[-1]} {speeds}",
-            f"  search {_m(self.search_seconds)}: {len(self.cores)} workers x 1 thread, about {self.n_trials} "
+            f"  search {_m(self.search_seconds)}: {self.workers} workers, about {self.n_trials} "
             f"trials of 1 to {self.cfg.trainer.epochs} epochs (Hyperband) on {f:.0%} of the training images "
             f"({s['n_train']:,}), judged on {s['n_val']:,} validation images",
             f"  final {_m(final_seconds)}: the best configuration on all {s['n_all']:,} images for {self.final_epochs} "

@@ -17,6 +17,8 @@ import shlex
 import sys
 import time
 
+STARTED = time.time()  # a time budget counts from the command's start, its imports included
+
 USAGE = """usage: python -m fmnist_sweep [options] [override ...]
        python -m fmnist_sweep status STUDY [override ...]
        python -m fmnist_sweep report STUDY [override ...]
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if budget_seconds(cfg) is not None:
             from . import best
 
-            return best.run(cfg, overrides)
+            return best.run(cfg, overrides, STARTED)
         if cfg.sweep is not None:
             return _run_study(cfg, overrides, opts["more"], opts["fork"])
         if opts["more"] is not None or opts["fork"]:

@@ -333,6 +333,9 @@ class Progress:
                 f"{m} {v:.4f}" for (m, _), v in zip(self.study.sweep.objectives, frozen.values or []))
         rate = (time.perf_counter() - self.t0) / max(1, finished - self.started)
         eta = rate * max(0, self.target - finished)
+        deadline = self.study.cfg.trainer.get("deadline")
+        if deadline is not None:  # the deadline ends the study first
+            eta = min(eta, _until(deadline))
         print(f"trial {frozen.number}: {shown} | {finished}/{self.target} done ({states(c)}) | "
               f"{self.study.best_text()} | ETA {_duration(eta)}", flush=True)
 

@@ -1,0 +1,97 @@
+"""+experiment=best with a wall-clock budget: plan, search, final models, registration,
+the deadline, and a resumed command that goes on where an interrupted one stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from fmnist_sweep.config import resource_dir
+from tests.helpers import mlflow_runs, storage
+
+BUDGET_S = 180
+# The stated margin: the clock starts with the command (its imports included), so the
+# interpreter's start and each process's exit stay outside it; and the deadline stops
+# epochs, so the last final run's test evaluation, MLflow Model and exit may end past it.
+MARGIN_S = 20
+
+
+def _command(tiny_overrides):
+    line = [o for o in tiny_overrides if not o.startswith("trainer.epochs=")]
+    return [sys.executable, "-m", "fmnist_sweep", "+experiment=best", f"budget.minutes={BUDGET_S / 60}",
+            *line, "trainer.epochs=3"]
+
+
+def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
+    """Start the command, Ctrl-C it once the search has finished a trial; (seconds, its output)."""
+    t0 = time.time()
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if ": COMPLETE " in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    return time.time() - t0, "".join(seen) + rest
+
+
+def test_budget_plans_searches_trains_three_seeds_registers_by_the_deadline_and_resumes(tiny_overrides, workdir):
+    args = _command(tiny_overrides)
+    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
+    first_s, first = _interrupt_after_first_trial(args, workdir, env)
+    assert "plan: 2 cores" in first or "plan: 1 cores" in first
+    assert "search: until" in first
+    done_first = {t.number: t.params for t in optuna.load_study(study_name="best", storage=storage(workdir)).trials
+                  if t.state == TrialState.COMPLETE}
+    assert done_first
+
+    t0 = time.time()
+    second = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    second_s = time.time() - t0
+    assert second.returncode == 0, second.stdout + second.stderr
+    out = second.stdout
+    spent_before = out.split("spent before")[0].rsplit(":", 1)[1].strip()
+    assert spent_before != "0m00s", out  # the interrupted session's seconds count against the budget
+    for phase in ("plan:", "search: until", "final: seeds", "- search:", "- final:", "- register:"):
+        assert phase in out, out
+    assert first_s + second_s <= BUDGET_S + MARGIN_S, (first_s, second_s, out)
+
+    study = optuna.load_study(study_name="best", storage=storage(workdir))
+    assert study.user_attrs["budget.spent"] <= BUDGET_S + MARGIN_S
+    for number, params in done_first.items():  # the first session's trials are kept, not trained again
+        assert study.trials[number].state == TrialState.COMPLETE and study.trials[number].params == params
+    client, runs = mlflow_runs(workdir, "best")
+    for number in done_first:
+        assert len([r for r in runs if r.data.tags.get("optuna.trial_number") == str(number)]) == 1
+
+    finals = [r for r in runs if r.data.tags.get("fmnist.role") == "final" and r.info.status == "FINISHED"]
+    assert sorted(r.data.params["seed"] for r in finals) == ["0", "1", "2"]
+    assert all("test/accuracy" in r.data.metrics and r.data.params["data.val_fraction"] == "0" for r in finals)
+    assert len({r.data.params["trainer.epochs"] for r in finals}) == 1
+    assert "test accuracy:" in out and "over 3 seeds" in out
+    version = client.get_model_version("fmnist-best", "1")
+    assert version.tags["optuna.study"] == "best"
+    assert "registered: models:/fmnist-best/1" in out
+    parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "study")
+    assert "budget.plan" in parent.data.tags and "final/accuracy_mean" in parent.data.metrics
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "budget/seconds_left")]
+    assert "best_val_vs_time.png" in [f.path for f in client.list_artifacts(parent.info.run_id)]
+
+    third = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "done, nothing left to run" in third.stdout, third.stdout + third.stderr
+    assert len(mlflow_runs(workdir, "best")[1]) == len(runs)
+
+
+def test_a_budget_needs_a_number_and_a_search(tiny_overrides, workdir, capsys):
+    from fmnist_sweep.cli import main
+
+    assert main(["+experiment=best", "budget.hours=-1", *tiny_overrides]) == 2
+    assert "budget.hours=-1 is not allowed" in capsys.readouterr().err
+    assert main(["+experiment=best", "budget.minutes=1", "sweep=null", *tiny_overrides]) == 2
+    assert "a time budget needs a search" in capsys.readouterr().err
