@@ -23,6 +23,7 @@ if [ "${1:-}" = "--prepare" ]; then
   "$PY" -m pip download -q --python-version 3.12 --only-binary=:all: --find-links "$dir/wheels" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     -d "$dir/wheels" $("$PY" bench/gpu_carry.py requirements)
+  "$PY" bench/gpu_carry.py prune "$dir/wheels"  # what the machine's image has stays out
   "$PY" bench/gpu_carry.py data "$dir/data"
   size=$(du -sm "$dir" | cut -f1)
   echo "carry folder $dir: ${size} MiB"
@@ -35,9 +36,11 @@ fi
 if [ "${1:-}" = "--from" ]; then
   dir=${2:?usage: bench/gpu_check.sh --from DIR REPORT_DIR}
   shift 2
-  # --no-deps for this package: its torch requirement is met by the machine's own torch.
-  python3 -m pip install -q --no-index --find-links "$dir/wheels" $(python3 bench/gpu_carry.py requirements)
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  # The carried wheels beside the image's own packages (its torch kept), in a folder of
+  # their own; this package runs from the checkout.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$dir"/wheels/*.whl
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
   export FMNIST_DATA_DIR="$(cd "$dir/data" && pwd)" FMNIST_REAL_DATA="$(cd "$dir/data" && pwd)"
   PY=python3
 fi

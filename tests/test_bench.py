@@ -108,6 +108,13 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
     reqs = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_carry.py"), "requirements"],
                           capture_output=True, text=True, timeout=60).stdout.split()
     assert "mlflow>=3.0" in reqs and not any(r.startswith("torch") for r in reqs)  # the machine's torch stays
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("numpy-2.5.5-cp312-cp312-manylinux_2_28_x86_64.whl", "scikit_learn-1.9.1-cp312-cp312-any.whl",
+                 "mlflow-3.17.2-py3-none-any.whl", "hydra_core-1.3.8-py3-none-any.whl"):
+        (wheels / name).write_bytes(b"")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_carry.py"), "prune", str(wheels)], check=True)
+    assert sorted(p.name.split("-")[0] for p in wheels.iterdir()) == ["hydra_core", "mlflow"]  # the image has the rest
 
 
 def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
