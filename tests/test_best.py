@@ -2,6 +2,7 @@
 the deadline, and a resumed command that goes on where an interrupted one stopped."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,13 +28,13 @@ def _command(tiny_overrides):
 
 
 def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
-    """Start the command, Ctrl-C it once the search has finished a trial; (seconds, its output)."""
+    """Start the command, Ctrl-C it once the search has finished (or pruned) a trial; (seconds, its output)."""
     t0 = time.time()
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if ": COMPLETE " in line:
+        if re.search(r"\] trial \d+: (COMPLETE|PRUNED)", line):
             proc.send_signal(signal.SIGINT)
             break
     rest, _ = proc.communicate(timeout=120)
@@ -47,8 +48,9 @@ def test_budget_plans_searches_trains_three_seeds_registers_by_the_deadline_and_
     first_s, first = _interrupt_after_first_trial(args, workdir, env)
     assert "plan: 2 cores" in first or "plan: 1 cores" in first
     assert "search: until" in first
-    done_first = {t.number: t.params for t in optuna.load_study(study_name="best", storage=storage(workdir)).trials
-                  if t.state == TrialState.COMPLETE}
+    done_first = {t.number: (t.state, t.params) for t in optuna.load_study(study_name="best",
+                                                                          storage=storage(workdir)).trials
+                  if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     assert done_first
 
     t0 = time.time()
@@ -64,8 +66,8 @@ def test_budget_plans_searches_trains_three_seeds_registers_by_the_deadline_and_
 
     study = optuna.load_study(study_name="best", storage=storage(workdir))
     assert study.user_attrs["budget.spent"] <= BUDGET_S + MARGIN_S
-    for number, params in done_first.items():  # the first session's trials are kept, not trained again
-        assert study.trials[number].state == TrialState.COMPLETE and study.trials[number].params == params
+    for number, (state, params) in done_first.items():  # the first session's trials are kept, not trained again
+        assert study.trials[number].state == state and study.trials[number].params == params
     client, runs = mlflow_runs(workdir, "best")
     for number in done_first:
         assert len([r for r in runs if r.data.tags.get("optuna.trial_number") == str(number)]) == 1
