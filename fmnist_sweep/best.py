@@ -189,7 +189,8 @@ def _chosen(study):
 
 
 def register(study) -> None:
-    """The final models' mean ± std on the parent run, and seed 0's model as a registry version."""
+    """The final models' mean ± std on the parent run, and the model of the lowest finished seed
+    (seed 0 unless the deadline cut it) as a registry version."""
     from . import finalize
 
     attrs = study.optuna.user_attrs
@@ -212,7 +213,8 @@ def register(study) -> None:
 
 def finals(attrs: dict) -> list[dict]:
     """The final runs recorded so far, by seed."""
-    return [json.loads(v) for k, v in sorted(attrs.items()) if k.startswith("budget.final.seed.")]
+    return sorted((json.loads(v) for k, v in attrs.items() if k.startswith("budget.final.seed.")),
+                  key=lambda s: s["seed"])
 
 
 def report(study, attrs: dict) -> str:
