@@ -76,36 +76,46 @@ def _record(study, result: dict) -> None:
 
 
 def plot_progress(study) -> None:
-    """best_val_vs_time.png on the study's parent run: the best validation accuracy of the
-    search against minutes since its first trial began, and the final models' test accuracies."""
+    """best_val_vs_time.png on the study's parent run (progress_png)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if progress_png(study, Path(tmp) / "best_val_vs_time.png"):
+            study.tracker.log_artifacts(study.parent_run_id, Path(tmp))
+
+
+def progress_png(study, path: Path) -> bool:
+    """Accuracy against minutes since the search began: each search trial's last validation
+    accuracy (COMPLETE or PRUNED), the best COMPLETE one so far until the search's end, and the
+    final models' test accuracies. False when no trial has finished."""
     from .artifacts import _pyplot
 
-    trials = [t for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.datetime_complete is not None]
-    if not trials:
-        return
+    ended = [t for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+             if t.datetime_complete is not None and t.intermediate_values]
+    if not ended:
+        return False
     t0 = min(t.datetime_start for t in study.optuna.get_trials(deepcopy=False) if t.datetime_start)
+    minutes = lambda when: (when - t0).total_seconds() / 60  # noqa: E731
+    ended.sort(key=lambda t: t.datetime_complete)
     xs, ys, best = [], [], None
-    for t in sorted(trials, key=lambda t: t.datetime_complete):
-        best = t.value if best is None else max(best, t.value)
-        xs.append((t.datetime_complete - t0).total_seconds() / 60)
-        ys.append(best)
+    for t in ended:
+        if t.state == TrialState.COMPLETE:
+            best = t.value if best is None else max(best, t.value)
+        if best is not None:
+            xs.append(minutes(t.datetime_complete))
+            ys.append(best)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.step(xs, ys, where="post", label="search: best validation accuracy")
+    ax.scatter([minutes(t.datetime_complete) for t in ended], [t.intermediate_values[t.last_step] for t in ended],
+               s=14, color="0.6", label="search trial: last validation accuracy")
+    ax.step(xs, ys, where="post", color="C0", label="search: best complete trial's validation accuracy")
     runs = study.tracker.client.search_runs([study.tracker.experiment_id], "tags.`fmnist.role` = 'final'")
-    finals = [(r.info.end_time / 1000, r.data.metrics["test/accuracy"]) for r in runs
-              if r.info.end_time and "test/accuracy" in r.data.metrics]
+    finals = [(r.info.end_time / 1000 - t0.timestamp()) / 60 for r in runs if "test/accuracy" in r.data.metrics]
     if finals:
-        ax.scatter([(end - t0.timestamp()) / 60 for end, _ in finals], [v for _, v in finals], color="C3",
-                   label="final models: test accuracy")
-    ax.set_xlabel("minutes since the search began")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"study {study.name}")
+        ax.scatter(finals, [r.data.metrics["test/accuracy"] for r in runs if "test/accuracy" in r.data.metrics],
+                   color="C1", marker="D", label="final model: test accuracy")
+    ax.set(xlabel="minutes since the search began", ylabel="accuracy", title=f"study {study.name}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        fig.savefig(Path(tmp) / "best_val_vs_time.png", dpi=100)
-        plt.close(fig)
-        study.tracker.log_artifacts(study.parent_run_id, Path(tmp))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
