@@ -131,6 +131,13 @@ class _ConvActivation(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT):
+    without them its fused kernel refuses bf16, and torch's own convolution emulates it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Conv2dActivation(nn.Conv2d):
     """A Conv2d and the activation after it as one oneDNN convolution with the activation
     applied to its result before it is written (torch's tanh alone costs about as much as a
@@ -144,8 +151,11 @@ class Conv2dActivation(nn.Conv2d):
         if not (x.device.type == "cpu" and isinstance(self.padding, tuple) and self.padding_mode == "zeros"
                 and x.dim() == 4):
             return _ACTIVATIONS[self.activation](super().forward(x))
-        if torch.is_autocast_enabled("cpu"):  # what autocast does for a convolution
-            dtype = torch.get_autocast_dtype("cpu")
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        if torch.bfloat16 in (autocast, x.dtype) and not _onednn_bf16():
+            return _ACTIVATIONS[self.activation](super().forward(x))
+        if autocast is not None:  # what autocast does for a convolution
+            dtype = autocast
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         if x.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
