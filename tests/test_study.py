@@ -261,7 +261,8 @@ def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdi
 
 
 def _start_and_stop_mid_trial(args, workdir, env, sig):
-    """Start the study's command, send ``sig`` while its second trial trains; the process."""
+    """Start the study's command, send ``sig`` while its second trial trains (its MLflow run
+    made, however slow the machine); the process."""
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -269,8 +270,9 @@ def _start_and_stop_mid_trial(args, workdir, env, sig):
             ts = trials(workdir, "mine")
         except KeyError:
             ts = []
-        if any(t.state == TrialState.RUNNING and t.params for t in ts) and any(t.state == TrialState.COMPLETE
-                                                                                for t in ts):
+        running = [t.number for t in ts if t.state == TrialState.RUNNING and t.params]
+        if running and any(t.state == TrialState.COMPLETE for t in ts) and any(
+                r.data.tags.get("optuna.trial_number") == str(running[0]) for r in mlflow_runs(workdir, "mine")[1]):
             break
         time.sleep(0.1)
     time.sleep(0.3)
