@@ -97,7 +97,7 @@ def run(cfg, overrides: list[str], started: float) -> int:
         return 0
     cores = sorted(os.sched_getaffinity(0))
     with Clock(study, total, started) as clock:
-        print(f"budget {_hm(total)}: {_hm(clock.spent())} spent before, {_hm(clock.left())} left", flush=True)
+        print(f"budget {_hm(total)}: {_hm(clock.spent())} already spent, {_hm(clock.left())} left", flush=True)
         speed = measure(cfg, [1] + [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total))
         plan = Plan(total, clock.left(), cores, speed, cfg, attrs)
         print(plan.text(), flush=True)
@@ -114,7 +114,7 @@ def run(cfg, overrides: list[str], started: float) -> int:
 
 
 def _phase(study, clock: Clock, name: str, work) -> None:
-    """Run a phase unless a session before finished it; its seconds are added to budget.phase.NAME."""
+    """Run a phase unless the study marks it done (budget.phase.NAME.done); its seconds add to budget.phase.NAME."""
     key = f"budget.phase.{name}"
     if study.optuna.user_attrs.get(f"{key}.done"):
         print(f"{name}: done in an earlier session", flush=True)

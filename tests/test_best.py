@@ -58,7 +58,7 @@ def test_budget_plans_searches_trains_three_seeds_registers_by_the_deadline_and_
     second_s = time.time() - t0
     assert second.returncode == 0, second.stdout + second.stderr
     out = second.stdout
-    spent_before = out.split("spent before")[0].rsplit(":", 1)[1].strip()
+    spent_before = out.split("already spent")[0].rsplit(":", 1)[1].strip()
     assert spent_before != "0m00s", out  # the interrupted session's seconds count against the budget
     for phase in ("plan:", "search: until", "final: seeds", "- search:", "- final:", "- register:"):
         assert phase in out, out
