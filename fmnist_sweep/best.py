@@ -98,7 +98,7 @@ def run(cfg, overrides: list[str], started: float) -> int:
     cores = sorted(os.sched_getaffinity(0))
     with Clock(study, total, started) as clock:
         print(f"budget {_hm(total)}: {_hm(clock.spent())} already spent, {_hm(clock.left())} left", flush=True)
-        speed = measure(cfg, [1] + [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total))
+        speed = measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total), len(cores))
         plan = Plan(total, clock.left(), cores, speed, cfg, attrs)
         print(plan.text(), flush=True)
         for key, value in (("budget.total", total), ("budget.search_seconds", plan.search_seconds),
@@ -160,7 +160,8 @@ def final(study, clock: Clock, plan: Plan) -> None:
     if "budget.final.trial" not in attrs:
         trial = _chosen(study)
         # Sized with the chosen configuration's own speed (its batch size) on all the images.
-        plan.speed = measure(compose(final_line(trial, 1)), [t for _, t in plan.waves], _probe(plan.total))
+        plan.speed = measure(compose(final_line(trial, 1)), [t for _, t in plan.waves], _probe(plan.total),
+                             plan.waves[0][0])
         epochs = plan_final(plan, clock.left() - plan.margin)
         if epochs < 1:
             raise UserError(f"no time left for the final models ({_hm(clock.left())} left): raise the budget")

@@ -4,6 +4,9 @@ few seconds, and from it the search's share, its trials and the final models' ep
 from __future__ import annotations
 
 import math
+import multiprocessing
+import queue
+import statistics
 import time
 
 import torch
@@ -12,15 +15,14 @@ from omegaconf import OmegaConf
 from . import data as fmnist
 from . import train
 
-PARALLEL = 1.15  # k 1-thread runs on k cores at once: each slower than alone (shared caches, memory)
 TRIAL_OVERHEAD = 3.0   # seconds per trial beside its epochs: MLflow records, artifacts, a model now and then
 RUN_OVERHEAD = 15.0    # per final run: a fresh process's imports, data, test evaluation, the MLflow Model
 PRUNED_SHARE = 0.45    # Hyperband's trials train this share of the longest trial's epochs on average
 
 
-def _speed(b: train.Built, threads: int, seconds: float) -> dict:
+def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> dict:
     """Training and evaluation images/s of a built run with ``threads`` threads: a warm-up
-    batch, then training batches for about ``seconds``, then a flip-averaged evaluation."""
+    batch, ``ready()``, then training batches for about ``seconds``, then a flip-averaged evaluation."""
     torch.set_num_threads(threads)
     tcfg, gen = b.cfg.trainer, torch.Generator().manual_seed(0)
     augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None
@@ -32,6 +34,7 @@ def _speed(b: train.Built, threads: int, seconds: float) -> dict:
                           lambda *_: None, None, augment)
 
     step()  # warm-up: first-call allocations and kernel choices
+    ready()
     n, t0 = 0, time.perf_counter()
     while n == 0 or time.perf_counter() - t0 < seconds:
         step()
@@ -44,14 +47,51 @@ def _speed(b: train.Built, threads: int, seconds: float) -> dict:
     return {"train": train_ips, "eval": len(part) / (time.perf_counter() - t0)}
 
 
-def measure(cfg, threads: list[int], seconds: float = 2.0) -> dict:
-    """Images/s of ``cfg``'s model on this machine for each thread count, and its splits' sizes."""
+def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1) -> dict:
+    """Images/s of ``cfg``'s model on this machine for each thread count, with the allocator
+    settings the runs train with; the slowdown of ``at_once`` 1-thread runs side by side on a
+    CPU (shared caches and memory, and cores that may be hyperthreads of one); the splits' sizes."""
+    train.keep_freed_memory()
     b = train.build(cfg, [], None, None)
-    speed = {k: _speed(b, k, seconds) for k in sorted(set(threads))}
+    speed = {k: _speed(b, k, seconds) for k in sorted(set(threads) | {1})}
     torch.set_num_threads(train.threads_for("auto"))
+    slowdown = 1.0
+    if at_once > 1 and b.device.type == "cpu":
+        slowdown = max(1.0, speed[1]["train"] / side_by_side(cfg, at_once, seconds))
     n_all = round(len(b.data.train) / cfg.data.train_fraction) + len(b.data.val)  # the final models' images
-    return {"threads": speed, "n_train": len(b.data.train), "n_val": len(b.data.val), "n_all": n_all,
-            "n_test": len(b.data.test)}
+    return {"threads": speed, "slowdown": slowdown, "at_once": at_once, "n_train": len(b.data.train),
+            "n_val": len(b.data.val), "n_all": n_all, "n_test": len(b.data.test)}
+
+
+def _one_of_many(container: dict, seconds: float, barrier, results) -> None:
+    """A 1-thread measurement in its own process, timed once all of them are warm."""
+    train.keep_freed_memory()
+    b = train.build(OmegaConf.create(container), [], None, None)
+    results.put(_speed(b, 1, seconds, ready=barrier.wait)["train"])
+
+
+def side_by_side(cfg, k: int, seconds: float) -> float:
+    """Mean training images/s of each of ``k`` 1-thread runs in ``k`` processes at once."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(k, timeout=120), ctx.Queue()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    procs = [ctx.Process(target=_one_of_many, args=(container, seconds, barrier, results), daemon=True)
+             for _ in range(k)]
+    for p in procs:
+        p.start()
+    speeds: list[float] = []
+    try:
+        while len(speeds) < k:
+            try:
+                speeds.append(results.get(timeout=1))
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    raise RuntimeError("the side-by-side speed measurement failed (its processes exited)") from None
+        return statistics.mean(speeds)
+    finally:
+        for p in procs:
+            p.join(5)
+            p.kill()
 
 
 def waves(seeds: int, cores: int) -> list[tuple[int, int]]:
@@ -68,7 +108,7 @@ def waves(seeds: int, cores: int) -> list[tuple[int, int]]:
 def epoch_seconds(speed: dict, threads: int, n_train: int, n_val: int, at_once: int = 1) -> float:
     """Seconds of one epoch (training, then the validation evaluation) with ``at_once`` runs sharing the machine."""
     s = speed["threads"][threads]
-    return (n_train / s["train"] + n_val / s["eval"]) * (PARALLEL if at_once > 1 else 1.0)
+    return (n_train / s["train"] + n_val / s["eval"]) * (speed["slowdown"] if at_once > 1 else 1.0)
 
 
 class Plan:
@@ -99,6 +139,8 @@ class Plan:
         s, f = self.speed, self.cfg.data.train_fraction
         speeds = ", ".join(f"{k} thread{'s' if k > 1 else ''}: {v['train']:,.0f} training / {v['eval']:,.0f} "
                            f"evaluation images/s" for k, v in s["threads"].items())
+        if s["at_once"] > 1:
+            speeds += f"; {s['at_once']} 1-thread runs at once: each {s['slowdown']:.2f}x slower"
         final_seconds = self.final_epochs * self.final_epoch_seconds() + len(self.waves) * RUN_OVERHEAD
         end = time.strftime("%H:%M", time.localtime(time.time() + self.left))
         return "\n".join([
@@ -113,7 +155,8 @@ class Plan:
 
 def plan_final(plan: Plan, seconds: float) -> int:
     """The final models' epochs that fit in ``seconds`` (0: none fit)."""
-    test = sum(plan.speed["n_test"] / plan.speed["threads"][t]["eval"] for _, t in plan.waves)
+    views = 5 if plan.cfg.trainer.test_shift else 1  # the speed is measured with the mirror's views only
+    test = sum(views * plan.speed["n_test"] / plan.speed["threads"][t]["eval"] for _, t in plan.waves)
     return max(0, math.floor((seconds - len(plan.waves) * RUN_OVERHEAD - test) / plan.final_epoch_seconds()))
 
 

@@ -127,6 +127,8 @@ RULES = {
     "trainer.augment.flip": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.augment.erase": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "trainer.eval_flip": (lambda v: isinstance(v, bool), "true or false"),
+    "trainer.test_shift": (lambda v: isinstance(v, int) and 0 <= v <= 4, "an integer in [0, 4]"),
+    "trainer.ema": (lambda v: v is None or (_number(v) and 0 < v < 1), "null or a decay in (0, 1), such as 0.999"),
     "model.blocks": (lambda v: all(isinstance(b, int) and b >= 1 for b in _each(v)), "integers >= 1"),
     "model.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),

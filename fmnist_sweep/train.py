@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import data as fmnist
 from . import served
@@ -189,10 +190,23 @@ def train_epoch(model, optimizer, split, batch_size, generator, autocast, channe
     return mean
 
 
+def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+    """A batch's test-time views: itself, its mirror (``flip``), and each of those moved
+    ``shift`` pixels left, right, up and down (zero fill)."""
+    views = [x, x.flip(3)] if flip else [x]
+    if shift:
+        pad, s2 = torch.nn.functional.pad, 2 * shift
+        for v in list(views):
+            p = pad(v, (shift, shift, shift, shift))
+            views += [p[..., shift:-shift, :-s2], p[..., shift:-shift, s2:], p[..., :-s2, shift:-shift],
+                      p[..., s2:, shift:-shift]]
+    return views
+
+
 @torch.no_grad()
-def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=False, flip=False):
-    """Loss (and accuracy for classifiers) over a split in large no-grad batches;
-    ``flip``: a classifier's logits averaged with those of the mirrored images."""
+def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=False, flip=False, shift=0):
+    """Loss (and accuracy for classifiers) over a split in large no-grad batches; a
+    classifier's logits averaged over the test-time views of ``flip`` and ``shift`` (tta_views)."""
     model.eval()
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
@@ -202,8 +216,9 @@ def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=Fal
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             out, loss = model(x, y)
-            if flip and model.task == "classify":
-                out = (out.float() + model(x.flip(3))[0].float()) / 2
+            if (flip or shift) and model.task == "classify":
+                others = tta_views(x, flip, shift)[1:]
+                out = (out.float() + sum(model(v, y)[0].float() for v in others)) / (1 + len(others))
                 loss = torch.nn.functional.cross_entropy(out, y)
         loss_sum += loss.float() * len(y)
         if model.task == "classify":
@@ -268,6 +283,12 @@ class Built:
     channels_last: bool
     monitor: str
     maximize: bool
+    ema: torch.nn.Module | None = None  # trainer.ema: the weights' moving average (AveragedModel)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The model that is evaluated: the moving average of the weights where there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
@@ -296,15 +317,19 @@ def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | Non
     if channels_last:
         model.to(memory_format=torch.channels_last)
     monitor, maximize = ("val/accuracy", True) if model.task == "classify" else ("val/loss", False)
+    ema = None
+    if cfg.trainer.get("ema"):  # BatchNorm's running statistics are averaged too (use_buffers)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema), use_buffers=True)
     return Built(cfg, device, data, model, optimizer, select_precision(cfg.trainer.precision, device, model),
-                 channels_last, monitor, maximize)
+                 channels_last, monitor, maximize, ema)
 
 
 def fit(b: Built, result: RunResult, log, report=None) -> None:
     """The epoch loop: train, evaluate, log(epoch, metrics), report (True: prune), early stop.
     Fills ``result`` (history, best; status KILLED when pruned); the best epoch's weights
     are loaded back when early stopping is on. No epoch starts past ``trainer.deadline`` minus
-    the last epoch's duration: the run ends KILLED, cut short."""
+    the last epoch's duration: the run ends KILLED, cut short. With ``trainer.ema`` the moving
+    average of the weights is evaluated every epoch, and is the model at the end."""
     tcfg = b.cfg.trainer
     generator = torch.Generator().manual_seed(b.cfg.seed)
     n_batches = math.ceil(len(b.data.train) / tcfg.batch_size)
@@ -328,7 +353,7 @@ def fit(b: Built, result: RunResult, log, report=None) -> None:
                                                               else value < result.best)):
                 result.best, stale = value, 0
                 if tcfg.early_stopping_patience:
-                    best_state = copy.deepcopy(b.model.state_dict())
+                    best_state = copy.deepcopy(b.evaluated.state_dict())
             else:
                 stale += 1
             # The last epoch is paid for: its value is reported, its result kept.
@@ -339,8 +364,8 @@ def fit(b: Built, result: RunResult, log, report=None) -> None:
                 if tcfg.progress:
                     bar.console.print(f"early stop: {b.monitor} has not improved for {stale} epochs")
                 break
-    if best_state is not None:
-        b.model.load_state_dict(best_state)
+    if best_state is not None or b.ema is not None:  # the evaluated weights are tested and saved
+        b.model.load_state_dict(best_state if best_state is not None else b.ema.module.state_dict())
 
 
 def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augment) -> dict:
@@ -349,6 +374,8 @@ def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augm
     task = bar.add_task(f"epoch {epoch}/{tcfg.epochs}", total=n_batches, stats="")
 
     def on_batch(step, loss):
+        if b.ema is not None:
+            b.ema.update_parameters(b.model)
         bar.update(task, advance=1, **({"stats": f"loss {loss:.4f}"} if loss is not None else {}))
 
     t0 = time.perf_counter()
@@ -357,7 +384,7 @@ def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augm
     train_seconds = time.perf_counter() - t0
     metrics = {"train/loss": train_loss}
     if len(b.data.val):  # empty when retraining on train+val for a final model
-        val = evaluate(b.model, b.data.val, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
+        val = evaluate(b.evaluated, b.data.val, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
         if not math.isfinite(val["loss"]):
             raise Diverged(f"validation loss became {val['loss']}")
         metrics["val/loss"] = val["loss"]
@@ -448,7 +475,7 @@ def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict, lo
     split_name = "test" if _tested(b) else "val"
     split = getattr(b.data, split_name)
     ev = evaluate(b.model, split, tcfg.eval_batch_size, b.autocast, b.channels_last, keep_outputs=True,
-                  flip=tcfg.eval_flip)
+                  flip=tcfg.eval_flip, shift=tcfg.test_shift if split_name == "test" else 0)
     if split_name == "test":
         final["test/loss"] = ev["loss"]
         if b.model.task == "classify":

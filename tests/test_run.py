@@ -1,6 +1,7 @@
 """One training run through the CLI, checked in the MLflow store it writes."""
 
 import shlex
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from hydra.utils import instantiate
 
 from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose
-from fmnist_sweep.train import run
+from fmnist_sweep import data as fmnist
+from fmnist_sweep.train import evaluate, run, tta_views
 from tests.helpers import mlflow_runs
 
 
@@ -69,6 +71,40 @@ def test_same_config_and_seed_give_same_metrics_and_override_line_reruns(tiny_ov
     _, runs = mlflow_runs(workdir)
     c = client.get_metric_history(runs[2].info.run_id, "val/loss")
     assert [m.value for m in c] != [m.value for m in a]
+
+
+def test_weight_ema_is_the_model_that_is_evaluated_and_saved(tiny_overrides, workdir, capsys):
+    over = tiny_overrides + ["trainer.epochs=3", "trainer.precision=fp32", "trainer.channels_last=false"]
+    assert main([*over, "trainer.ema=0.9"]) == 0 and main(over) == 0
+    client, (ema, plain) = mlflow_runs(workdir)
+    assert ema.data.params["trainer.ema"] == "0.9" and plain.data.params["trainer.ema"] == "None"
+    weights = [torch.load(f"{client.download_artifacts(r.info.run_id, '')}/weights/state_dict.pt", weights_only=True)
+               for r in (ema, plain)]
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+    # The saved model scores on the validation split what the run logged for its last epoch.
+    cfg = compose([*over, "trainer.ema=0.9"])
+    model = instantiate(cfg.model)
+    model.load_state_dict(weights[0])
+    val = evaluate(model, fmnist.load(cfg.data).val, 1000, nullcontext, False)
+    assert val["accuracy"] == pytest.approx(ema.data.metrics["val/accuracy"], abs=1e-9)
+    assert main([*over, "trainer.ema=1.5"]) == 2
+    assert "trainer.ema" in capsys.readouterr().err
+
+
+def test_test_shift_averages_shifted_views_at_the_test_evaluation_only(tiny_overrides, workdir, capsys):
+    x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 1, 28, 28)
+    views = tta_views(x, flip=True, shift=1)
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[2][..., 1:], x[..., :-1]) and (views[2][..., 0] == 0).all()  # moved right
+    assert torch.equal(views[5][..., :-1, :], x[..., 1:, :])  # moved up
+    over = tiny_overrides + ["trainer.epochs=2", "trainer.eval_flip=true"]
+    assert main(over) == 0 and main([*over, "trainer.test_shift=1"]) == 0
+    client, (plain, shifted) = mlflow_runs(workdir)
+    history = [[m.value for m in client.get_metric_history(r.info.run_id, "val/accuracy")] for r in (plain, shifted)]
+    assert history[0] == history[1]  # validation during training is unchanged
+    assert plain.data.metrics["test/loss"] != shifted.data.metrics["test/loss"]
+    assert main([*over, "trainer.test_shift=9"]) == 2
+    assert "trainer.test_shift" in capsys.readouterr().err
 
 
 def test_autoencoder_run_and_pretrained_frozen_encoder_from_its_run_id(tiny_overrides, workdir):
