@@ -85,8 +85,9 @@ def test_weight_ema_is_the_model_that_is_evaluated_and_saved(tiny_overrides, wor
     cfg = compose([*over, "trainer.ema=0.9"])
     model = instantiate(cfg.model)
     model.load_state_dict(weights[0])
-    val = evaluate(model, fmnist.load(cfg.data).val, 1000, nullcontext, False)
-    assert val["accuracy"] == pytest.approx(ema.data.metrics["val/accuracy"], abs=1e-9)
+    split = fmnist.load(cfg.data).val
+    val = evaluate(model, split, 1000, nullcontext, False)  # (unfused convolutions: a near tie may differ)
+    assert val["accuracy"] == pytest.approx(ema.data.metrics["val/accuracy"], abs=1.5 / len(split))
     assert main([*over, "trainer.ema=1.5"]) == 2
     assert "trainer.ema" in capsys.readouterr().err
 
