@@ -126,9 +126,8 @@ def main():
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="fmnist-recipe-")
     os.environ["FMNIST_SWEEP_DIR"] = work
-    over = [f"trainer.epochs={args.epochs}", *args.overrides]
-    if args.quick:
-        over += ["data.train_fraction=0.01", "data.val_fraction=0.05", "trainer.epochs=1"]
+    quick = ["data.train_fraction=0.01", "data.val_fraction=0.05", "trainer.epochs=1"] if args.quick else []
+    over = [f"trainer.epochs={args.epochs}", *quick, *args.overrides]  # the command line's overrides win
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     cores = len(os.sched_getaffinity(0))
     print(f"recipe bench: {over}, seeds {seeds}, {cores} processes of 1 thread", flush=True)

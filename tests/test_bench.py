@@ -155,3 +155,15 @@ def test_bf16_accuracy_quick(workdir, tiny_data):
                 "data.train_fraction=1.0")
     assert "seed 0 fp32: val/accuracy" in out and "seed 0 bf16: val/accuracy" in out
     assert "points of val/accuracy on average over 1 seed(s)" in out
+
+
+def test_recipe_quick(workdir, tiny_data):
+    out = bench("recipe.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
+                "data.train_fraction=1.0")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| change | val accuracy (mean ± std, 1 seeds)")
+    changes = [r.split(" | ")[0][2:] for r in rows[1:]]
+    assert changes[:3] == ["no test-time augmentation", "TTA mirror", "TTA mirror + 1-px shifts"]
+    assert "EMA 0.99" in changes and "bn lr x3, no decay: TTA mirror + 1-px shifts" in changes
+    assert all(0 <= float(r.split(" | ")[1].split(" ± ")[0]) <= 1 for r in rows[1:])
+
