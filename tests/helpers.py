@@ -104,3 +104,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def interruptible() -> None:
+    """Popen's preexec_fn for a child the test will Ctrl-C: SIGINT's default action, even where
+    the test process inherited it ignored (a shell's background job), so that the child's
+    Python turns SIGINT into KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fmnist_sweep.config import resource_dir
-from tests.helpers import mlflow_runs, storage
+from tests.helpers import interruptible, mlflow_runs, storage
 
 BUDGET_S = 180
 # The stated margin: the clock starts with the command (its imports included), so the
@@ -30,7 +30,8 @@ def _command(tiny_overrides):
 def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
     """Start the command, Ctrl-C it once the search has finished (or pruned) a trial; (seconds, its output)."""
     t0 = time.time()
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=interruptible)
     seen = []
     for line in proc.stdout:
         seen.append(line)

@@ -16,7 +16,7 @@ from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.sweep import load_sweep, sweep_names
-from tests.helpers import lr_sweep, mlflow_runs, storage, sweep_file, trials
+from tests.helpers import interruptible, lr_sweep, mlflow_runs, storage, sweep_file, trials
 
 
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
@@ -263,7 +263,8 @@ def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdi
 def _start_and_stop_mid_trial(args, workdir, env, sig):
     """Start the study's command, send ``sig`` while its second trial trains (its MLflow run
     made, however slow the machine); the process."""
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
