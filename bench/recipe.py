@@ -30,20 +30,13 @@ TRAINED = {"recipe": {}, "bn lr x3, no decay": {"bn_lr": 3.0}}
 
 
 def accuracy(b, model, views: str) -> tuple[float, float]:
-    """Validation accuracy of ``model`` with views none / flip / flip+shift (logits averaged), and its seconds."""
-    import torch
-
+    """Validation accuracy of ``model`` with views none / flip / flip+shift (train.evaluate), and its seconds."""
     from fmnist_sweep import train
 
-    model.eval()
-    t0, correct = time.perf_counter(), 0
-    with torch.no_grad(), b.autocast():
-        for x, y in b.data.val.batches(1000):
-            x = x.contiguous(memory_format=torch.channels_last) if b.channels_last else x
-            vs = train.tta_views(x, views != "none", int(views == "flip+shift"))
-            logits = sum(model(v, y)[0].float() for v in vs)
-            correct += int((logits.argmax(1) == y).sum())
-    return correct / len(b.data.val), time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ev = train.evaluate(model, b.data.val, 1000, b.autocast, b.channels_last, flip=views != "none",
+                        shift=int(views == "flip+shift"))
+    return ev["accuracy"], time.perf_counter() - t0
 
 
 def _optimizer(b, bn_lr: float):
@@ -61,7 +54,6 @@ def _optimizer(b, bn_lr: float):
 def train_one(overrides: list[str], seed: int, bn_lr: float | None = None) -> dict:
     """One run of the recipe; the validation accuracy of each evaluation change, and costs."""
     import torch
-    from omegaconf import OmegaConf
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from fmnist_sweep import train
@@ -84,7 +76,7 @@ def train_one(overrides: list[str], seed: int, bn_lr: float | None = None) -> di
 
     n_batches = -(-len(b.data.train) // tcfg.batch_size)
     scheduler = train.make_scheduler(tcfg.lr_schedule, b.optimizer, tcfg.epochs * n_batches)
-    augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None
+    augment = train.augment_args(tcfg)
     gen, t0 = torch.Generator().manual_seed(seed), time.perf_counter()
     for _ in range(tcfg.epochs):
         train.train_epoch(b.model, b.optimizer, b.data.train, tcfg.batch_size, gen, b.autocast, b.channels_last,

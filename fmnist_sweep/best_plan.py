@@ -25,7 +25,7 @@ def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> 
     batch, ``ready()``, then training batches for about ``seconds``, then a flip-averaged evaluation."""
     torch.set_num_threads(threads)
     tcfg, gen = b.cfg.trainer, torch.Generator().manual_seed(0)
-    augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None
+    augment = train.augment_args(tcfg)
     x, y = b.data.train.x, b.data.train.y
     batch = fmnist.Split(x[:tcfg.batch_size], y[:tcfg.batch_size])
 

@@ -190,6 +190,11 @@ def train_epoch(model, optimizer, split, batch_size, generator, autocast, channe
     return mean
 
 
+def augment_args(tcfg) -> dict | None:
+    """``trainer.augment``'s settings that are on, as fmnist.augment's keywords (None: no augmentation)."""
+    return {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None
+
+
 def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
     """A batch's test-time views: itself, its mirror (``flip``), and each of those moved
     ``shift`` pixels left, right, up and down (zero fill)."""
@@ -334,7 +339,7 @@ def fit(b: Built, result: RunResult, log, report=None) -> None:
     generator = torch.Generator().manual_seed(b.cfg.seed)
     n_batches = math.ceil(len(b.data.train) / tcfg.batch_size)
     scheduler = make_scheduler(tcfg.lr_schedule, b.optimizer, tcfg.epochs * n_batches)
-    augment = {k: v for k, v in OmegaConf.to_container(tcfg.augment).items() if v} or None  # only what is on
+    augment = augment_args(tcfg)
     best_state, stale = None, 0
     deadline, last = (float(tcfg.deadline) if tcfg.get("deadline") else None), 0.0
     with _progress(tcfg.progress) as bar:
