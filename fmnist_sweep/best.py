@@ -241,8 +241,9 @@ def report(study, attrs: dict) -> str:
 
 
 def _probe(total: float) -> float:
-    """Seconds of training batches per speed measurement: 2, less for a budget of minutes."""
-    return min(2.0, total / 200)
+    """Seconds of training batches per speed measurement: up to 6 for a budget of hours (the final
+    models' epochs are sized with it), less for a budget of minutes."""
+    return min(6.0, total / 200)
 
 
 def _hm(seconds: float) -> str:
