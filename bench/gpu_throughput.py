@@ -1,5 +1,6 @@
 """On a CUDA device: training images/s per family, our engine against the tutorial loop on
-the same GPU, and trials/hour of a small study at K = 1, 2, 4, 8 workers on one GPU.
+the same GPU (and with trainer.compile: CUDA graphs by default), and trials/hour of a small
+study at K = 1, 2, 4, 8 workers on one GPU.
 
 Engine: the split resident on the GPU, batches by index slicing, fmnist_sweep.train's
 train_epoch with what a run picks (precision auto: bf16 autocast where the device has it).
@@ -33,12 +34,14 @@ def data(n: int):
     return split.x[:n], split.y[:n]
 
 
-def engine_rate(family: str, x, y, seconds: float) -> tuple[float, str]:
+def engine_rate(family: str, x, y, seconds: float, mode: str | None = None) -> tuple[float, str, float]:
+    """Images/s of the engine, its precision, and the seconds of its first (warm-up) epoch,
+    which holds the compilation where ``mode`` (trainer.compile) is set."""
     from hydra.utils import instantiate
 
     from fmnist_sweep.config import compose
     from fmnist_sweep.data import Split
-    from fmnist_sweep.train import make_optimizer, select_precision, train_epoch
+    from fmnist_sweep.train import compile_for_training, make_optimizer, select_precision, train_epoch
 
     cfg = compose([f"model={family}"])
     device = torch.device("cuda")
@@ -49,10 +52,13 @@ def engine_rate(family: str, x, y, seconds: float) -> tuple[float, str]:
         lambda: torch.autocast("cuda", enabled=False))
     split = Split(x.to(device), y.to(device))
     generator = torch.Generator().manual_seed(0)
-    epoch = lambda: train_epoch(model, optimizer, split, BATCH[family], generator, autocast, False,  # noqa: E731
+    stepped = compile_for_training(model, mode) or model
+    epoch = lambda: train_epoch(stepped, optimizer, split, BATCH[family], generator, autocast, False,  # noqa: E731
                                 lambda *a: None)
-    epoch()  # warm-up: kernels chosen, memory pooled
-    return _rate(epoch, len(y), seconds), precision
+    t0 = time.perf_counter()
+    epoch()  # warm-up: kernels chosen (or compiled), memory pooled
+    torch.cuda.synchronize()
+    return _rate(epoch, len(y), seconds), precision, time.perf_counter() - t0
 
 
 def baseline_rate(family: str, x, y, seconds: float) -> float:
@@ -109,6 +115,7 @@ def main():
     ap.add_argument("--images", type=int, default=12000)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--per-gpu", default="1,2,4,8")
+    ap.add_argument("--compile", default="reduce-overhead", help="the trainer.compile mode measured beside eager")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -117,12 +124,15 @@ def main():
     if args.quick:
         args.models, args.images, args.seconds, args.per_gpu = "cnn", 2000, 1, "1,2"
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.images:,} real training images")
-    print("| family | precision | tutorial loop (img/s) | engine (img/s) | ratio |\n|---|---|---|---|---|")
+    print(f"| family | precision | tutorial loop (img/s) | engine (img/s) | ratio | engine, trainer.compile="
+          f"{args.compile} (img/s) | its first epoch, compiling (s) |\n|---|---|---|---|---|---|---|")
     x, y = data(args.images)
     for family in args.models.split(","):
         base = baseline_rate(family, x, y, args.seconds)
-        rate, precision = engine_rate(family, x, y, args.seconds)
-        print(f"| {family} | {precision} | {base:,.0f} | {rate:,.0f} | {rate / base:.2f}x |", flush=True)
+        rate, precision, _ = engine_rate(family, x, y, args.seconds)
+        fast, _, first = engine_rate(family, x, y, args.seconds, args.compile)
+        print(f"| {family} | {precision} | {base:,.0f} | {rate:,.0f} | {rate / base:.2f}x | {fast:,.0f} "
+              f"| {first:.0f} |", flush=True)
     print("\nquickstart study (2K trials, trainer.epochs=2, data.train_fraction=0.2) on one GPU:")
     print("| workers per GPU | trials/hour |\n|---|---|")
     for k in map(int, args.per_gpu.split(",")):

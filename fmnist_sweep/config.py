@@ -131,6 +131,8 @@ RULES = {
     "trainer.ema": (lambda v: v is None or (_number(v) and 0 < v < 1), "null or a decay in (0, 1), such as 0.999"),
     "model.blocks": (lambda v: all(isinstance(b, int) and b >= 1 for b in _each(v)), "integers >= 1"),
     "model.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "trainer.compile": (lambda v: v in (None, "default", "reduce-overhead", "max-autotune"),
+                        "null, default, reduce-overhead or max-autotune"),
     "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     "tracking.log_models": (lambda v: v in ("best", "all"), "best or all"),
     "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,

@@ -289,6 +289,12 @@ class Built:
     monitor: str
     maximize: bool
     ema: torch.nn.Module | None = None  # trainer.ema: the weights' moving average (AveragedModel)
+    compiled: torch.nn.Module | None = None  # trainer.compile: the model as torch.compile traced it
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The model the training steps call: the compiled one where trainer.compile is on (same parameters)."""
+        return self.compiled if self.compiled is not None else self.model
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -312,7 +318,7 @@ def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | Non
     try:
         model = instantiate(cfg.model, **model_kwargs)
         model.to(device)
-        if device.type == "cpu":
+        if device.type == "cpu" and not cfg.trainer.get("compile"):  # (torch.compile fuses its own)
             fuse_conv_activations(model)  # conv + tanh/ReLU as one oneDNN kernel, same parameters
         optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     except Exception as e:  # hydra wraps bad constructor arguments
@@ -326,7 +332,16 @@ def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | Non
     if cfg.trainer.get("ema"):  # BatchNorm's running statistics are averaged too (use_buffers)
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema), use_buffers=True)
     return Built(cfg, device, data, model, optimizer, select_precision(cfg.trainer.precision, device, model),
-                 channels_last, monitor, maximize, ema)
+                 channels_last, monitor, maximize, ema, compile_for_training(model, cfg.trainer.get("compile")))
+
+
+def compile_for_training(model: torch.nn.Module, mode: str | None) -> torch.nn.Module | None:
+    """``model`` wrapped by torch.compile in ``mode`` (trainer.compile: default, reduce-overhead =
+    CUDA graphs, max-autotune), sharing its parameters; None when ``mode`` is null. Only the
+    training steps call it: evaluation, export and the saved weights use ``model`` itself."""
+    if not mode:
+        return None
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def fit(b: Built, result: RunResult, log, report=None) -> None:
@@ -384,7 +399,7 @@ def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augm
         bar.update(task, advance=1, **({"stats": f"loss {loss:.4f}"} if loss is not None else {}))
 
     t0 = time.perf_counter()
-    train_loss = train_epoch(b.model, b.optimizer, b.data.train, tcfg.batch_size, generator, b.autocast,
+    train_loss = train_epoch(b.trained, b.optimizer, b.data.train, tcfg.batch_size, generator, b.autocast,
                              b.channels_last, on_batch, scheduler, augment)
     train_seconds = time.perf_counter() - t0
     metrics = {"train/loss": train_loss}
@@ -454,7 +469,7 @@ def _run_tags(b: Built, overrides, tags: dict | None) -> dict:
             "fmnist.command": ("python -m fmnist_sweep " + line).strip(),
             "fmnist.device": str(b.device), "fmnist.precision": b.precision,
             "fmnist.channels_last": str(b.channels_last), "fmnist.threads": torch.get_num_threads(),
-            "fmnist.cpu_fast_paths": str(b.device.type == "cpu" and private_ops_allowed()),
+            "fmnist.cpu_fast_paths": str(b.device.type == "cpu" and private_ops_allowed() and b.compiled is None),
             "mlflow.source.git.commit": git_commit(), "data.sha256": b.data.checksum,
             "fmnist.fingerprint": config_fingerprint(b.cfg), **(tags or {})}
 

@@ -32,6 +32,14 @@ def test_every_family_trains_on_the_gpu(family, tiny_overrides, workdir):
     assert r.data.tags["fmnist.precision"] == ("bf16" if gains and torch.cuda.is_bf16_supported() else "fp32")
 
 
+def test_cuda_graphs_train_the_residual_cnn(tiny_overrides, workdir):
+    assert main([*tiny_overrides, "model=resnet", "trainer.device=cuda", "trainer.epochs=2",
+                 "trainer.compile=reduce-overhead"]) == 0
+    _, (r,) = mlflow_runs(workdir)
+    assert r.info.status == "FINISHED" and r.data.params["trainer.compile"] == "reduce-overhead"
+    assert r.outputs.model_outputs
+
+
 def test_a_study_packs_four_workers_on_one_gpu(tiny_overrides, workdir, tmp_path):
     sweep = lr_sweep(tmp_path, 6)
     proc = subprocess.run([sys.executable, "-m", "fmnist_sweep", "workers", "-n", "4", "--per-gpu", "4",

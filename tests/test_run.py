@@ -92,6 +92,19 @@ def test_weight_ema_is_the_model_that_is_evaluated_and_saved(tiny_overrides, wor
     assert "trainer.ema" in capsys.readouterr().err
 
 
+def test_compiled_training_steps_train_the_model_that_is_saved(tiny_overrides, workdir, capsys):
+    over = tiny_overrides + ["trainer.epochs=2", "trainer.precision=fp32", "trainer.channels_last=false"]
+    assert main([*over, "trainer.compile=default"]) == 0 and main(over) == 0
+    client, (compiled, eager) = mlflow_runs(workdir)
+    assert compiled.info.status == "FINISHED" and compiled.data.params["trainer.compile"] == "default"
+    # Same seed, data and batches: torch.compile's fused kernels round differently, nothing more.
+    for key in ("train/loss", "val/loss"):
+        assert compiled.data.metrics[key] == pytest.approx(eager.data.metrics[key], rel=0.02)
+    assert compiled.outputs.model_outputs  # the MLflow Model is the plain module's export
+    assert main([*over, "trainer.compile=fast"]) == 2
+    assert "trainer.compile" in capsys.readouterr().err
+
+
 def test_test_shift_averages_shifted_views_at_the_test_evaluation_only(tiny_overrides, workdir, capsys):
     x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 1, 28, 28)
     views = tta_views(x, flip=True, shift=1)
