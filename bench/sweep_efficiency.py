@@ -128,7 +128,7 @@ def epochs_to_reach(curve, target):
     return next((spent for spent, best in curve if best is not None and best >= target), None)
 
 
-def main():
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--trials", type=int, default=16)
@@ -137,7 +137,11 @@ def main():
     ap.add_argument("--workdir", help="keep the studies here (default: a fresh temporary folder); a finished "
                     "run's folder given again re-reads its studies and trains nothing")
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = _args()
     data = ["data.train_fraction=0.1", "data.val_fraction=0.1", "trainer.epochs=10"]
     if args.quick:
         args.trials, data = 4, ["data.train_fraction=0.01", "data.val_fraction=0.02", "trainer.epochs=3"]
@@ -154,6 +158,7 @@ def main():
     saved = {"live: tpe + median pruner": [], **{f"replay: {name}": [] for name in REPLAYED}}
     whole = {f"replay: {name}": [] for name in REPLAYED}
     for seed in [int(s) for s in args.seeds.split(",")]:
+        recorded = None
         for arm, (sampler, pruner, times) in ARMS.items():
             curve, trials, sweep, epochs = run_arm(arm, sampler, pruner, seed, args.trials * times, overrides, work)
             curves[arm].append(curve)
@@ -161,29 +166,41 @@ def main():
             print(f"seed {seed}  {arm:<22} best val/accuracy {best:.4f}  after {spent} epochs in all", flush=True)
             if arm == "tpe, no pruning":
                 recorded = (trials, sweep, epochs)
-        ref = curves["tpe, no pruning"][-1]
-        (ref_total, ref_best), ref_epochs = ref[-1], epochs_to_reach(ref, ref[-1][1])
-        print(f"seed {seed}  no-pruning TPE: best {ref_best:.4f}, first reached after {ref_epochs} of its "
-              f"{ref_total} epochs. With pruning, epochs to first come within {100 * TOLERANCE:.1f} pt of it; "
-              f"for the replays also the whole search (same trials):", flush=True)
-        candidates = [("live: tpe + median pruner", curves["tpe + median pruner"][-1], "")]
-        for name, spec in REPLAYED.items():
-            curve, pruned = replay(*recorded, spec)
-            replayed[name].append(curve)
-            candidates.append((f"replay: {name}", curve, f"; {pruned} of {len(curve)} trials pruned"))
-        for label, curve, extra in candidates:
-            got = epochs_to_reach(curve, ref_best - TOLERANCE)
-            frac = None if got is None else 1 - got / ref_epochs
-            saved[label].append(frac)
-            line = (f"seed {seed}    {label:<32}" + (f"first within: {got:>4} epochs ({100 * frac:3.0f}% saved)"
-                                                     if got is not None else "first within: never"))
-            if label.startswith("replay"):
-                total, best = curve[-1]
-                kept = best is not None and best >= ref_best - TOLERANCE
-                whole[label].append(1 - total / ref_total if kept else None)
-                line += (f"; whole search: {total:>4} of {ref_total} epochs ({100 * (1 - total / ref_total):3.0f}% "
-                         f"saved), best {best:.4f} " + ("kept" if kept else "LOST"))
-            print(line + extra, flush=True)
+        _compare(seed, curves, recorded, replayed, saved, whole)
+    _summary(saved, whole)
+    if plot:
+        _plot(plot, curves, replayed)
+
+
+def _compare(seed, curves, recorded, replayed, saved, whole) -> None:
+    """One seed's rows: epochs the live pruned arm and each replayed pruner took to come within
+    TOLERANCE of the no-pruning best, and the replays' whole-search savings."""
+    ref = curves["tpe, no pruning"][-1]
+    (ref_total, ref_best), ref_epochs = ref[-1], epochs_to_reach(ref, ref[-1][1])
+    print(f"seed {seed}  no-pruning TPE: best {ref_best:.4f}, first reached after {ref_epochs} of its "
+          f"{ref_total} epochs. With pruning, epochs to first come within {100 * TOLERANCE:.1f} pt of it; "
+          f"for the replays also the whole search (same trials):", flush=True)
+    candidates = [("live: tpe + median pruner", curves["tpe + median pruner"][-1], "")]
+    for name, spec in REPLAYED.items():
+        curve, pruned = replay(*recorded, spec)
+        replayed[name].append(curve)
+        candidates.append((f"replay: {name}", curve, f"; {pruned} of {len(curve)} trials pruned"))
+    for label, curve, extra in candidates:
+        got = epochs_to_reach(curve, ref_best - TOLERANCE)
+        frac = None if got is None else 1 - got / ref_epochs
+        saved[label].append(frac)
+        line = (f"seed {seed}    {label:<32}" + (f"first within: {got:>4} epochs ({100 * frac:3.0f}% saved)"
+                                                 if got is not None else "first within: never"))
+        if label.startswith("replay"):
+            total, best = curve[-1]
+            kept = best is not None and best >= ref_best - TOLERANCE
+            whole[label].append(1 - total / ref_total if kept else None)
+            line += (f"; whole search: {total:>4} of {ref_total} epochs ({100 * (1 - total / ref_total):3.0f}% "
+                     f"saved), best {best:.4f} " + ("kept" if kept else "LOST"))
+        print(line + extra, flush=True)
+
+
+def _summary(saved, whole) -> None:
     n = len(saved["live: tpe + median pruner"])
     print(f"epochs saved by pruning, median over {n} seed(s) ('never' and a lost best count as 0%): to first come "
           f"within {100 * TOLERANCE:.1f} pt of the no-pruning best | over the whole search with its best kept")
@@ -195,34 +212,36 @@ def main():
             line += (f" | {100 * statistics.median([f or 0.0 for f in w]):4.0f}%"
                      f"  (best kept on {sum(f is not None for f in w)} of {n})")
         print(line)
-    if plot:
-        from fmnist_sweep.artifacts import _pyplot
 
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(9.5, 4.2))
-        series = [(arm, cs, "-") for arm, cs in curves.items()]
-        series += [(f"replay: {name}", cs, "--") for name, cs in replayed.items()]
-        for i, (label, cs, style) in enumerate(series):
-            for j, c in enumerate(cs):
-                pts = [(s, b) for s, b in c if b is not None]
-                # the live pruned arm on top and thicker: the replays often retrace it step for step
-                ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=f"C{i}", alpha=0.9,
-                        linestyle=style, label=label if j == 0 else None,
-                        linewidth=2.4 if i == 0 else 1.3, zorder=3 if i == 0 else 2)
-        unpruned = curves.get("tpe, no pruning", [])
-        if len(unpruned) == 1:  # one seed: the line "first within" is measured against
-            best = max(b for _, b in unpruned[0] if b is not None)
-            ax.axhline(best - TOLERANCE, color="0.4", linewidth=0.8, linestyle=":",
-                       label="0.2 pt below the no-pruning best")
-        ax.set_xlabel("training epochs spent (all trials, pruned included)")
-        ax.set_ylabel("best val/accuracy so far")
-        ax.set_title("search efficiency (dashed: pruners replayed on the no-pruning TPE trials)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
-        fig.tight_layout()
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(plot, dpi=100)
-        print(f"plot: {plot}")
+
+def _plot(plot: Path, curves, replayed) -> None:
+    from fmnist_sweep.artifacts import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    series = [(arm, cs, "-") for arm, cs in curves.items()]
+    series += [(f"replay: {name}", cs, "--") for name, cs in replayed.items()]
+    for i, (label, cs, style) in enumerate(series):
+        for j, c in enumerate(cs):
+            pts = [(s, b) for s, b in c if b is not None]
+            # the live pruned arm on top and thicker: the replays often retrace it step for step
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=f"C{i}", alpha=0.9,
+                    linestyle=style, label=label if j == 0 else None,
+                    linewidth=2.4 if i == 0 else 1.3, zorder=3 if i == 0 else 2)
+    unpruned = curves.get("tpe, no pruning", [])
+    if len(unpruned) == 1:  # one seed: the line "first within" is measured against
+        best = max(b for _, b in unpruned[0] if b is not None)
+        ax.axhline(best - TOLERANCE, color="0.4", linewidth=0.8, linestyle=":",
+                   label="0.2 pt below the no-pruning best")
+    ax.set_xlabel("training epochs spent (all trials, pruned included)")
+    ax.set_ylabel("best val/accuracy so far")
+    ax.set_title("search efficiency (dashed: pruners replayed on the no-pruning TPE trials)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
+    fig.tight_layout()
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=100)
+    print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

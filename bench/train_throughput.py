@@ -35,8 +35,8 @@ from PIL import Image
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
 from fmnist_sweep.models import fast, fuse_conv_activations
-from fmnist_sweep.train import (cpu_has_fast_bf16, keep_freed_memory, make_optimizer, select_precision, threads_for,
-                                train_epoch)
+from fmnist_sweep.train import (compile_for_training, cpu_has_fast_bf16, keep_freed_memory, make_optimizer,
+                                select_precision, threads_for, train_epoch)
 
 BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100, "resnet": 128}
 OPTIMIZER = {"cnn": "rmsprop", "rnn": "sgd", "bilstm": "adam", "autoencoder": "adam",
@@ -60,13 +60,14 @@ class TutorialFashionMNIST(torch.utils.data.Dataset):
         return t.permute(2, 0, 1).contiguous().float().div(255), target
 
 
-def build(name, engine: bool):
+def build(name, engine: bool, compiled: bool = False):
     torch.manual_seed(0)
     cfg = compose([f"model={name}", f"optimizer={OPTIMIZER[name]}"])
     model = instantiate(cfg.model)
     params = model.parameters()
-    if engine:  # as run() builds it on a CPU
-        fuse_conv_activations(model)
+    if engine:  # as run() builds it on a CPU (with trainer.compile, torch.compile fuses instead)
+        if not compiled:
+            fuse_conv_activations(model)
         return model, make_optimizer(cfg.optimizer, params)
     return stock_layers(model), instantiate(cfg.optimizer)(params)
 
@@ -140,12 +141,12 @@ def rnn_forward_flops(model, batch, steps=28) -> int:
 
 
 def engine_rate(name, images, labels, precision, channels_last, compiled=False):
-    model, opt = build(name, engine=True)
+    model, opt = build(name, engine=True, compiled=compiled)
     cl = channels_last if channels_last is not None else getattr(model, "channels_last_gain", False)
     if cl:
         model.to(memory_format=torch.channels_last)
     if compiled:
-        model = torch.compile(model)
+        model = compile_for_training(model, "default")
     split = Split(torch.from_numpy(images).unsqueeze(1).float().div(255), torch.from_numpy(labels))
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     warm = Split(split.x[: BATCH[name] * 3], split.y[: BATCH[name] * 3])
@@ -171,7 +172,7 @@ def baseline_rate(name, images, labels):
     return n / (time.perf_counter() - t)
 
 
-def main():
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(BATCH))
     ap.add_argument("--images", type=int, default=3000, help="images per timed window")
@@ -185,7 +186,11 @@ def main():
                     help="leave glibc's allocator at its defaults (the engine's run() keeps freed memory; the "
                          "bench gives that to both loops, or with this flag to neither)")
     ap.add_argument("--quick", action="store_true", help="300 images, 1 window: checks that it runs")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = _args()
     if not args.system_allocator:
         # Both loops: glibc's adaptive default cannot be restored once set, so toggling per
         # window would handicap the baseline; the ratios therefore exclude this gain.
@@ -213,31 +218,36 @@ def main():
           + f"{'fp32 ratio':>11}{'default ratio':>14}{'MFLOP/img':>10}{'% peak fp32':>12}{'% peak default':>15}"
           + f"{'ceiling':>9}")
     for name in args.models.split(","):
-        model, _ = build(name, engine=True)
-        default = select_precision("auto", torch.device("cpu"), model)
-        rates = {"base": [], "fp32": [], "default": [], "compiled": []}
-        for _ in range(args.windows):  # interleaved
-            rates["base"].append(baseline_rate(name, images, labels))
-            rates["fp32"].append(engine_rate(name, images, labels, "fp32", cl))
-            # Where the default is fp32 it is the same run: timing it twice would only show noise.
-            rates["default"].append(engine_rate(name, images, labels, default, cl) if default != "fp32"
-                                    else rates["fp32"][-1])
-            if args.compile:
-                rates["compiled"].append(engine_rate(name, images, labels, default, cl, compiled=True))
-        m = {k: statistics.median(v) for k, v in rates.items() if v}
-        flops = flops_per_image(name)
-        pct = (lambda rate, p: f"{100 * rate * flops / 1e9 / peaks[p]:.0f}%") if flops else (lambda rate, p: "—")
-        print(f"{name:<19}{m['base']:>9,.0f}{m['fp32']:>12,.0f}{m['default']:>14,.0f} ({default})"
-              + (f"{m['compiled']:>10,.0f}" if args.compile else "")
-              + f"{m['fp32'] / m['base']:>10.2f}x{m['default'] / m['base']:>13.2f}x"
-              + (f"{flops / 1e6:>10.0f}" if flops else f"{'—':>10}")
-              + f"{pct(m['fp32'], 'fp32'):>12}{pct(m['default'], default):>15}"
-              + (f"{peaks[default] * 1e9 / flops / m['base']:>8.2f}x" if flops else f"{'—':>9}"), flush=True)
+        _row(name, images, labels, cl, args, peaks)
     print("images/s, training (forward + backward + optimizer step); ratio = engine / baseline; "
           "% peak = achieved GFLOP/s / large-GEMM peak of the same precision; ceiling = the default ratio an "
           "engine running every FLOP at that peak would reach (the roofline: no ratio above it is possible)")
     if args.profile:
         profile(args.profile, images, labels, cl)
+
+
+def _row(name, images, labels, cl, args, peaks) -> None:
+    """One model's line: the loops' rates over interleaved windows (medians), ratios, % of peak."""
+    model, _ = build(name, engine=True)
+    default = select_precision("auto", torch.device("cpu"), model)
+    rates = {"base": [], "fp32": [], "default": [], "compiled": []}
+    for _ in range(args.windows):  # interleaved
+        rates["base"].append(baseline_rate(name, images, labels))
+        rates["fp32"].append(engine_rate(name, images, labels, "fp32", cl))
+        # Where the default is fp32 it is the same run: timing it twice would only show noise.
+        rates["default"].append(engine_rate(name, images, labels, default, cl) if default != "fp32"
+                                else rates["fp32"][-1])
+        if args.compile:
+            rates["compiled"].append(engine_rate(name, images, labels, default, cl, compiled=True))
+    m = {k: statistics.median(v) for k, v in rates.items() if v}
+    flops = flops_per_image(name)
+    pct = (lambda rate, p: f"{100 * rate * flops / 1e9 / peaks[p]:.0f}%") if flops else (lambda rate, p: "—")
+    print(f"{name:<19}{m['base']:>9,.0f}{m['fp32']:>12,.0f}{m['default']:>14,.0f} ({default})"
+          + (f"{m['compiled']:>10,.0f}" if args.compile else "")
+          + f"{m['fp32'] / m['base']:>10.2f}x{m['default'] / m['base']:>13.2f}x"
+          + (f"{flops / 1e6:>10.0f}" if flops else f"{'—':>10}")
+          + f"{pct(m['fp32'], 'fp32'):>12}{pct(m['default'], default):>15}"
+          + (f"{peaks[default] * 1e9 / flops / m['base']:>8.2f}x" if flops else f"{'—':>9}"), flush=True)
 
 
 def profile(name, images, labels, cl, rows=15):

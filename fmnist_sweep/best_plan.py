@@ -17,6 +17,7 @@ from . import train
 
 TRIAL_OVERHEAD = 3.0   # seconds per trial beside its epochs: MLflow records, artifacts, a model now and then
 RUN_OVERHEAD = 15.0    # per final run: a fresh process's imports, data, test evaluation, the MLflow Model
+EPOCH_OVERHEAD = 0.25  # seconds per epoch beside its images: the epoch's MLflow record, the deadline check
 PRUNED_SHARE = 0.45    # Hyperband's trials train this share of the longest trial's epochs on average
 
 
@@ -108,7 +109,7 @@ def waves(seeds: int, cores: int) -> list[tuple[int, int]]:
 def epoch_seconds(speed: dict, threads: int, n_train: int, n_val: int, at_once: int = 1) -> float:
     """Seconds of one epoch (training, then the validation evaluation) with ``at_once`` runs sharing the machine."""
     s = speed["threads"][threads]
-    return (n_train / s["train"] + n_val / s["eval"]) * (speed["slowdown"] if at_once > 1 else 1.0)
+    return (n_train / s["train"] + n_val / s["eval"]) * (speed["slowdown"] if at_once > 1 else 1.0) + EPOCH_OVERHEAD
 
 
 class Plan:

@@ -81,7 +81,10 @@ class Recovery:
                     continue  # another worker's recovery failed it first, and re-queues it
             s.retry(s.optuna, t)  # a WAITING copy of its parameters and attributes
             if t.number in s.runs:  # its result never reached the study
-                s.tracker.log(s.runs[t.number], {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
+                s.tracker.log(s.runs.pop(t.number), {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
+        for t in trials:  # a result that reached the storage though the connection broke in its commit
+            if t.state.is_finished() and t.number in s.runs:
+                s.tracker.log(s.runs.pop(t.number), {}, tags={"optuna.state": t.state.name})
         self.cut = None
         if hasattr(s.storage, "held"):
             s.storage.held = None

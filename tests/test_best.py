@@ -23,8 +23,9 @@ MARGIN_S = 20
 
 def _command(tiny_overrides):
     line = [o for o in tiny_overrides if not o.startswith("trainer.epochs=")]
+    # A search share that leaves both the interrupted and the resumed session some search time.
     return [sys.executable, "-m", "fmnist_sweep", "+experiment=best", f"budget.minutes={BUDGET_S / 60}",
-            *line, "trainer.epochs=3"]
+            "budget.search_share=0.4", *line, "trainer.epochs=3"]
 
 
 def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:

@@ -95,6 +95,31 @@ def _metric(runs, run_id, key):
     return r.data.metrics[key]
 
 
+def _assert_levels(text: str, workdir, name: str, metric: str) -> None:
+    """compare's level table of study ``name``: each level's mean and seeds, and Welch's p against the best."""
+    study = optuna.load_study(study_name=name, storage=storage(workdir))
+    _, runs = mlflow_runs(workdir, name)
+    levels = {}
+    for t in study.trials:
+        key = next(f"{k}={v}" for k, v in t.params.items() if k != "seed")
+        levels.setdefault(key, []).append(_metric(runs, t.user_attrs["mlflow_run_id"], metric))
+    assert f"| level | {metric} mean | std | seeds | Welch's t-test p vs best |" in text
+    best = (max if metric == "val/accuracy" else min)(levels, key=lambda k: statistics.mean(levels[k]))
+    for level, values in levels.items():
+        line = next(x for x in text.splitlines() if x.startswith(f"| {level} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{statistics.mean(values):.5f}" and cells[3] == "2"
+        if level == best:
+            assert cells[4] == "best"
+        elif len(set(values)) == 1 and len(set(levels[best])) == 1:  # no spread: no test
+            assert cells[4] == "—"
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # scipy's, when one level is constant
+                p = stats.ttest_ind(levels[best], values, equal_var=False).pvalue
+            assert cells[4] == f"{p:.3g}"
+
+
 def test_compare_two_studies_tables_match_mlflow(tiny_overrides, workdir, tmp_path, capsys):
     cls = sweep_file(tmp_path, """
         objective: val/accuracy
@@ -133,27 +158,7 @@ def test_compare_two_studies_tables_match_mlflow(tiny_overrides, workdir, tmp_pa
 
     # Levels over seeds, with Welch's t-test against the best level, numbers from MLflow.
     for name, metric in (("cls", "val/accuracy"), ("ae", "val/loss")):
-        study = optuna.load_study(study_name=name, storage=storage(workdir))
-        _, runs = mlflow_runs(workdir, name)
-        levels = {}
-        for t in study.trials:
-            key = next(f"{k}={v}" for k, v in t.params.items() if k != "seed")
-            levels.setdefault(key, []).append(_metric(runs, t.user_attrs["mlflow_run_id"], metric))
-        assert f"| level | {metric} mean | std | seeds | Welch's t-test p vs best |" in text
-        best = (max if metric == "val/accuracy" else min)(levels, key=lambda k: statistics.mean(levels[k]))
-        for level, values in levels.items():
-            line = next(x for x in text.splitlines() if x.startswith(f"| {level} |"))
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            assert cells[1] == f"{statistics.mean(values):.5f}" and cells[3] == "2"
-            if level == best:
-                assert cells[4] == "best"
-            elif len(set(values)) == 1 and len(set(levels[best])) == 1:  # no spread: no test
-                assert cells[4] == "—"
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # scipy's, when one level is constant
-                    p = stats.ttest_ind(levels[best], values, equal_var=False).pvalue
-                assert cells[4] == f"{p:.3g}"
+        _assert_levels(text, workdir, name, metric)
         assert (out_dir / f"factor_{name}.png").stat().st_size > 0
     assert (out_dir / "latent_ae.png").stat().st_size > 0 and "PCA" in text
     assert (out_dir / "compare.md").read_text() in text
