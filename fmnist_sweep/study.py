@@ -91,7 +91,7 @@ class Study:
         self.device = train.device_label(cfg.trainer.device)
         self.retry = retry_callback(cfg.storage)
         self._keys_cache: dict[tuple[str, ...], frozenset[str]] = {}
-        self.runs: dict[int, str] = {}  # trial number -> the MLflow run this process made for it
+        self.runs: dict[int, str] = {}  # trial number -> this process's MLflow run, until it has the trial's state
         self.recovery = Recovery(self)
         self.reconnecting = self.recovery.reconnecting
 
@@ -225,8 +225,7 @@ class Study:
     def _after_trial(self, study, frozen) -> None:
         """Optuna callback: the trial's MLflow run takes its final state; failures are counted."""
         self.recovery.lost = 0
-        run = self.runs.pop(frozen.number, None)  # (runs: those still awaiting their trial's state)
-        if run is not None:
+        if (run := self.runs.pop(frozen.number, None)) is not None:
             self.tracker.log(run, {}, tags={"optuna.state": frozen.state.name})
         self._failures += frozen.state == TrialState.FAIL
         if self._failures >= self._max_failures:
