@@ -34,9 +34,9 @@ from PIL import Image
 
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
-from fmnist_sweep.models import fast, fuse_conv_activations
-from fmnist_sweep.train import (compile_for_training, cpu_has_fast_bf16, keep_freed_memory, make_optimizer,
-                                select_precision, threads_for, train_epoch)
+from fmnist_sweep.models import fast
+from fmnist_sweep.train import (compile_for_training, cpu_fast_paths, cpu_has_fast_bf16, keep_freed_memory,
+                                make_optimizer, select_precision, threads_for, train_epoch)
 
 BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100, "resnet": 128}
 OPTIMIZER = {"cnn": "rmsprop", "rnn": "sgd", "bilstm": "adam", "autoencoder": "adam",
@@ -60,14 +60,13 @@ class TutorialFashionMNIST(torch.utils.data.Dataset):
         return t.permute(2, 0, 1).contiguous().float().div(255), target
 
 
-def build(name, engine: bool, compiled: bool = False):
+def build(name, engine: bool, compile_mode: str | None = None):
     torch.manual_seed(0)
     cfg = compose([f"model={name}", f"optimizer={OPTIMIZER[name]}"])
     model = instantiate(cfg.model)
     params = model.parameters()
-    if engine:  # as run() builds it on a CPU (with trainer.compile, torch.compile fuses instead)
-        if not compiled:
-            fuse_conv_activations(model)
+    if engine:  # as run() builds it on a CPU
+        cpu_fast_paths(model, compile_mode)
         return model, make_optimizer(cfg.optimizer, params)
     return stock_layers(model), instantiate(cfg.optimizer)(params)
 
@@ -140,13 +139,13 @@ def rnn_forward_flops(model, batch, steps=28) -> int:
     return total
 
 
-def engine_rate(name, images, labels, precision, channels_last, compiled=False):
-    model, opt = build(name, engine=True, compiled=compiled)
+def engine_rate(name, images, labels, precision, channels_last, compile_mode=None):
+    model, opt = build(name, engine=True, compile_mode=compile_mode)
     cl = channels_last if channels_last is not None else getattr(model, "channels_last_gain", False)
     if cl:
         model.to(memory_format=torch.channels_last)
-    if compiled:
-        model = compile_for_training(model, "default")
+    if compile_mode:
+        model = compile_for_training(model, compile_mode)
     split = Split(torch.from_numpy(images).unsqueeze(1).float().div(255), torch.from_numpy(labels))
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     warm = Split(split.x[: BATCH[name] * 3], split.y[: BATCH[name] * 3])
@@ -238,7 +237,7 @@ def _row(name, images, labels, cl, args, peaks) -> None:
         rates["default"].append(engine_rate(name, images, labels, default, cl) if default != "fp32"
                                 else rates["fp32"][-1])
         if args.compile:
-            rates["compiled"].append(engine_rate(name, images, labels, default, cl, compiled=True))
+            rates["compiled"].append(engine_rate(name, images, labels, default, cl, compile_mode="default"))
     m = {k: statistics.median(v) for k, v in rates.items() if v}
     flops = flops_per_image(name)
     pct = (lambda rate, p: f"{100 * rate * flops / 1e9 / peaks[p]:.0f}%") if flops else (lambda rate, p: "—")

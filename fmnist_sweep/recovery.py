@@ -80,11 +80,10 @@ class Recovery:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another worker's recovery failed it first, and re-queues it
             s.retry(s.optuna, t)  # a WAITING copy of its parameters and attributes
-            if t.number in s.runs:  # its result never reached the study
-                s.tracker.log(s.runs.pop(t.number), {}, tags={"optuna.state": "FAIL", "fmnist.failure": CUT})
+            self.close_run(t.number, "FAIL", CUT)  # its result never reached the study
         for t in trials:  # a result that reached the storage though the connection broke in its commit
-            if t.state.is_finished() and t.number in s.runs:
-                s.tracker.log(s.runs.pop(t.number), {}, tags={"optuna.state": t.state.name})
+            if t.state.is_finished():
+                self.close_run(t.number, t.state.name)
         self.cut = None
         if hasattr(s.storage, "held"):
             s.storage.held = None
@@ -124,6 +123,13 @@ class Recovery:
             time.sleep(min(left, 10) + 0.5)
         self.end_orphans()
 
+    def close_run(self, number: int, state: str, failure: str | None = None) -> None:
+        """The MLflow run this process made for trial ``number``, if it still awaits its trial's
+        state, takes that state (and the failure's kind)."""
+        s = self.study
+        if (run := s.runs.pop(number, None)) is not None:
+            s.tracker.log(run, {}, tags={"optuna.state": state, **({"fmnist.failure": failure} if failure else {})})
+
     def end_orphans(self) -> None:
         """This study's MLflow runs left RUNNING by trials Optuna has finished: ended KILLED."""
         s = self.study
@@ -139,9 +145,7 @@ class Recovery:
             if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
                 s.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
                 s.retry(s.optuna, trial)
-                if number in s.runs:
-                    s.tracker.log(s.runs[number], {}, tags={"optuna.state": "FAIL",
-                                                                   "fmnist.failure": INTERRUPTED})
+                self.close_run(number, "FAIL", INTERRUPTED)
             s.tracker.end(s.parent_run_id, "KILLED")
         except Exception:  # the storage is gone too: the next run's recovery retries the trial
             pass

@@ -225,8 +225,7 @@ class Study:
     def _after_trial(self, study, frozen) -> None:
         """Optuna callback: the trial's MLflow run takes its final state; failures are counted."""
         self.recovery.lost = 0
-        if (run := self.runs.pop(frozen.number, None)) is not None:
-            self.tracker.log(run, {}, tags={"optuna.state": frozen.state.name})
+        self.recovery.close_run(frozen.number, frozen.state.name)
         self._failures += frozen.state == TrialState.FAIL
         if self._failures >= self._max_failures:
             print(f"stopping: {self._failures} trials failed in this session (max_failures {self._max_failures})",

@@ -318,8 +318,8 @@ def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | Non
     try:
         model = instantiate(cfg.model, **model_kwargs)
         model.to(device)
-        if device.type == "cpu" and not cfg.trainer.get("compile"):  # (torch.compile fuses its own)
-            fuse_conv_activations(model)  # conv + tanh/ReLU as one oneDNN kernel, same parameters
+        if device.type == "cpu":
+            cpu_fast_paths(model, cfg.trainer.get("compile"))
         optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     except Exception as e:  # hydra wraps bad constructor arguments
         raise UserError(f"cannot build the model/optimizer: {str(e).splitlines()[0]}") from None
@@ -333,6 +333,13 @@ def build(cfg: DictConfig, overrides, tracker: Tracker, parent_run_id: str | Non
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema), use_buffers=True)
     return Built(cfg, device, data, model, optimizer, select_precision(cfg.trainer.precision, device, model),
                  channels_last, monitor, maximize, ema, compile_for_training(model, cfg.trainer.get("compile")))
+
+
+def cpu_fast_paths(model: torch.nn.Module, compile_mode: str | None) -> None:
+    """A CPU run's model: conv + tanh/ReLU as one oneDNN kernel (same parameters), unless
+    torch.compile (trainer.compile) fuses its own: the two do not compose."""
+    if not compile_mode:
+        fuse_conv_activations(model)
 
 
 def compile_for_training(model: torch.nn.Module, mode: str | None) -> torch.nn.Module | None:
