@@ -25,7 +25,7 @@ def main():
     os.chdir(work)
     os.environ["FMNIST_SWEEP_DIR"] = work
     from fmnist_sweep.config import compose
-    from fmnist_sweep.train import run
+    from fmnist_sweep.record import run
 
     base = ["trainer.epochs=3", "trainer.test=false", "trainer.progress=false"]
     if args.quick:

@@ -41,7 +41,8 @@ def engine_rate(family: str, x, y, seconds: float, mode: str | None = None) -> t
 
     from fmnist_sweep.config import compose
     from fmnist_sweep.data import Split
-    from fmnist_sweep.train import compile_for_training, make_optimizer, select_precision, train_epoch
+    from fmnist_sweep.hardware import compile_for_training, select_precision
+    from fmnist_sweep.train import make_optimizer, train_epoch
 
     cfg = compose([f"model={family}"])
     device = torch.device("cuda")

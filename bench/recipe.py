@@ -58,10 +58,11 @@ def train_one(overrides: list[str], seed: int, bn_lr: float | None = None) -> di
 
     from fmnist_sweep import train
     from fmnist_sweep.config import compose
+    from fmnist_sweep.hardware import keep_freed_memory
 
     torch.set_num_threads(1)
-    train.keep_freed_memory()
-    b = train.build(compose([*RECIPE, *overrides, f"seed={seed}"]), [], None, None)
+    keep_freed_memory()
+    b = train.build(compose([*RECIPE, *overrides, f"seed={seed}"]))
     if bn_lr:
         b.optimizer = _optimizer(b, bn_lr)
     tcfg = b.cfg.trainer

@@ -35,8 +35,9 @@ from PIL import Image
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
 from fmnist_sweep.models import fast
-from fmnist_sweep.train import (compile_for_training, cpu_fast_paths, cpu_has_fast_bf16, keep_freed_memory,
-                                make_optimizer, select_precision, threads_for, train_epoch)
+from fmnist_sweep.hardware import (compile_for_training, cpu_fast_paths, cpu_has_fast_bf16, keep_freed_memory,
+                                   select_precision, threads_for)
+from fmnist_sweep.train import make_optimizer, train_epoch
 
 BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100, "resnet": 128}
 OPTIMIZER = {"cnn": "rmsprop", "rnn": "sgd", "bilstm": "adam", "autoencoder": "adam",
@@ -78,7 +79,7 @@ def stock_layers(model):
     for m in model.modules():
         # every layer defined in models.fast (the fused Conv2dActivation only exists in the
         # engine's build, which this is not applied to)
-        if type(m).__module__ == fast.__name__:
+        if type(m).__module__.startswith(fast.__name__ + "."):
             m.__class__ = m.__class__.__bases__[0]
         if isinstance(m, torch.nn.Sequential):
             for i in range(len(m) - 1):

@@ -38,10 +38,10 @@ def instrument(artifacts="artifact rendering (plots, tables, weights)", mlflow="
     Optuna storage calls."""
     import optuna
 
-    from fmnist_sweep import served, train
+    from fmnist_sweep import record, served
     from fmnist_sweep.tracking import Tracker
 
-    timed(train, "_write_artifacts", artifacts)
+    timed(record, "_write_artifacts", artifacts)
     timed(served, "log", models)
     for name in ("start", "log", "log_datasets", "log_artifacts", "end"):
         timed(Tracker, name, mlflow)

@@ -1,8 +1,9 @@
-"""The artifacts of a finished run: tables and pictures people look at."""
+"""Tables and pictures people look at: a finished run's artifacts and the comparison's plots."""
 
 from __future__ import annotations
 
 import csv
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,63 @@ def reconstructions_png(originals: np.ndarray, recons: np.ndarray, path: Path) -
         for row, img in enumerate((originals[i], recons[i])):
             images[row][i].set_data(img.reshape(28, 28))
     fig.savefig(path, dpi=100)
+
+
+def factor_plot(study: str, metric: str, rows: list[dict], path: Path) -> None:
+    """A study's objective per level (compare.factor_rows) with ± std error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    numeric = all(len(r["key"]) == 1 and isinstance(r["key"][0][1], (int, float)) for r in rows)
+    rows = [r for r in rows if r["mean"] is not None]  # failed levels have no point
+    xs = [r["key"][0][1] for r in rows] if numeric else list(range(len(rows)))
+    ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], fmt="o-", capsize=4)
+    if numeric:
+        if min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs) else 10)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel(rows[0]["key"][0][0])
+    else:
+        ax.set_xticks(xs, [r["level"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.set_title(f"study {study}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def latent_plot(run_id: str, client, path: Path, n: int = 2000) -> str:
+    """An autoencoder run's latent vectors of up to n held-out images (its model and data
+    reloaded from its artifacts), PCA to 2-D, coloured by class; which split they came from."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from sklearn.decomposition import PCA
+
+    from . import data as fmnist
+
+    tmp = tempfile.mkdtemp()
+    cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    state = torch.load(client.download_artifacts(run_id, "weights/state_dict.pt", tmp), weights_only=True)
+    model = instantiate(cfg.model)
+    model.load_state_dict(state)
+    model.eval()
+    splits = fmnist.load(cfg.data)
+    split, name = (splits.val, "validation") if len(splits.val) else (splits.test, "test")
+    with torch.no_grad():
+        z = model.encoder(split.x[:n]).numpy()
+    y = split.y[:n].numpy()
+    xy = PCA(n_components=2, random_state=0).fit_transform(z)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for c, label in enumerate(CLASSES):
+        m = y == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=5, alpha=0.6, label=label, color=plt.cm.tab10(c))
+    ax.legend(markerscale=3, fontsize=8, loc="best")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(f"latent space (n={z.shape[1]}) of {len(y)} {name} images, PCA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return name

@@ -75,8 +75,8 @@ class Clock:
 
 def budget_seconds(cfg) -> float | None:
     """The command's budget in seconds (budget.hours and/or budget.minutes), None without one."""
-    b = cfg.get("budget")
-    if not hasattr(b, "get") or (b.get("hours") is None and b.get("minutes") is None):
+    b = cfg.get("budget") or {}
+    if b.get("hours") is None and b.get("minutes") is None:
         return None
     return 3600.0 * (b.get("hours") or 0) + 60.0 * (b.get("minutes") or 0)
 

@@ -31,7 +31,7 @@ def _final_seed(job: dict) -> dict:
     """One final run, in a process of its own pinned to its cores (a spawned pool worker)."""
     os.sched_setaffinity(0, job["cores"])
     os.environ["FMNIST_DEADLINE"] = f"{job['deadline']:.0f}"
-    from . import train
+    from . import record
     from .config import compose
     from .tracking import Tracker
 
@@ -40,7 +40,7 @@ def _final_seed(job: dict) -> dict:
     cfg.trainer.progress = False
     tracker = Tracker(cfg.tracking.uri, job["study"], cfg.tracking.artifact_root)
     t0 = time.perf_counter()
-    r = train.run(cfg, line, parent_run_id=job["parent"], tracker=tracker, name=f"final seed {job['seed']}",
+    r = record.run(cfg, line, parent_run_id=job["parent"], tracker=tracker, name=f"final seed {job['seed']}",
                   tags={"fmnist.role": "final", "optuna.study": job["study"], "fmnist.final_of_trial": job["trial"]})
     return {"seed": job["seed"], "status": r.status, "run_id": r.run_id, "model_id": r.model_id,
             "test": r.metrics.get("test/accuracy") if r.status == "FINISHED" else None,

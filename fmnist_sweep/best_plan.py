@@ -13,12 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 from . import data as fmnist
-from . import train
+from . import hardware, train
 
-TRIAL_OVERHEAD = 3.0   # seconds per trial beside its epochs: MLflow records, artifacts, a model now and then
-RUN_OVERHEAD = 15.0    # per final run: a fresh process's imports, data, test evaluation, the MLflow Model
-EPOCH_OVERHEAD = 0.25  # seconds per epoch beside its images: the epoch's MLflow record, the deadline check
-PRUNED_SHARE = 0.45    # Hyperband's trials train this share of the longest trial's epochs on average
+# Costs the speed measurement does not see, each read off past runs' MLflow records (docs/PERFORMANCE.md):
+TRIAL_OVERHEAD = 3.0   # s per trial beside its epochs: a trial's perf/train_seconds minus its epochs' perf/epoch_seconds
+RUN_OVERHEAD = 15.0    # s per final run: its process's wall time minus its epochs' perf/epoch_seconds
+EPOCH_OVERHEAD = 0.25  # s per epoch beside its images: perf/epoch_seconds minus images / the measured images/s
+PRUNED_SHARE = 0.45    # epochs Hyperband's trials train, as a share of the longest trial's: sum of last_step / (trials x epochs)
 
 
 def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> dict:
@@ -52,10 +53,10 @@ def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1) -> 
     """Images/s of ``cfg``'s model on this machine for each thread count, with the allocator
     settings the runs train with; the slowdown of ``at_once`` 1-thread runs side by side on a
     CPU (shared caches and memory, and cores that may be hyperthreads of one); the splits' sizes."""
-    train.keep_freed_memory()
-    b = train.build(cfg, [], None, None)
+    hardware.keep_freed_memory()
+    b = train.build(cfg)
     speed = {k: _speed(b, k, seconds) for k in sorted(set(threads) | {1})}
-    torch.set_num_threads(train.threads_for("auto"))
+    torch.set_num_threads(hardware.threads_for("auto"))
     slowdown = 1.0
     if at_once > 1 and b.device.type == "cpu":
         slowdown = max(1.0, speed[1]["train"] / side_by_side(cfg, at_once, seconds))
@@ -66,8 +67,8 @@ def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1) -> 
 
 def _one_of_many(container: dict, seconds: float, barrier, results) -> None:
     """A 1-thread measurement in its own process, timed once all of them are warm."""
-    train.keep_freed_memory()
-    b = train.build(OmegaConf.create(container), [], None, None)
+    hardware.keep_freed_memory()
+    b = train.build(OmegaConf.create(container))
     results.put(_speed(b, 1, seconds, ready=barrier.wait)["train"])
 
 

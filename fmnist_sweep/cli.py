@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_one(cfg, overrides, verbose) -> int:
     """One training run; prints its result and how to browse it."""
     from .tracking import local_uri
-    from .train import run
+    from .record import run
 
     t0 = time.perf_counter()
     result = run(cfg, overrides)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tracking  # noqa: F401  (MLflow's environment defaults, before mlflow is imported)
-from .artifacts import _pyplot
+from .artifacts import factor_plot, latent_plot
 from .errors import UserError
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -74,6 +74,18 @@ class Group:
         return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
 
 
+@dataclass
+class StudyRecord:
+    """What the comparison reads of one study: its objective, its complete trials' runs,
+    the parameters of its failed trials, and the MLflow client of its store."""
+
+    name: str
+    objective: tuple[str, str]  # (metric, "maximize" | "minimize")
+    trials: list[Entry]
+    failed: list[dict] = field(default_factory=list)
+    client: object = None       # mlflow.MlflowClient
+
+
 def _without_seed(overrides: str) -> str:
     return shlex.join(o for o in shlex.split(overrides) if not o.startswith(("seed=", "sweep=")))
 
@@ -99,7 +111,7 @@ def _all_runs(client, experiment_id) -> list:
             return runs
 
 
-def gather(names: list[str], where: list[str]):
+def gather(names: list[str], where: list[str]) -> tuple[list[Entry], list[StudyRecord], object]:
     """Entries of the named studies / runs, the studies' own facts, and the MLflow client of their store."""
     from optuna.trial import TrialState
 
@@ -135,9 +147,8 @@ def gather(names: list[str], where: list[str]):
         entries += study_entries + finals
         failed = [t.params for t in study.optuna.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                   if not interrupted(t)]
-        studies.append({"name": name, "objective": study.sweep.objectives[0], "trials": study_entries,
-                        "failed": failed,
-                        "client": study.tracker.client})
+        studies.append(StudyRecord(name, tuple(study.sweep.objectives[0]), study_entries, failed,
+                                   study.tracker.client))
     if not entries:
         raise UserError("nothing to compare: the named studies have no complete trial yet")
     return entries, studies, client
@@ -186,15 +197,15 @@ def family_rows(entries: list[Entry]) -> list[dict]:
     return rows
 
 
-def factor_rows(study: dict) -> list[dict] | None:
+def factor_rows(study: StudyRecord) -> list[dict] | None:
     """Levels of a seed-replicated study: the objective's mean ± std per level and Welch's
     t-test of each level against the best. None when the study does not replicate seeds."""
     from scipy import stats
 
-    trials = study["trials"]
+    trials = study.trials
     if not trials or not any("seed" in e.params for e in trials):
         return None
-    metric, direction = study["objective"]
+    metric, direction = study.objective
     levels, failures = defaultdict(list), defaultdict(int)
 
     def level(params):
@@ -203,7 +214,7 @@ def factor_rows(study: dict) -> list[dict] | None:
     for e in trials:
         if metric in e.metrics:
             levels[level(e.params)].append(e.metrics[metric])
-    for params in study.get("failed", []):  # e.g. diverged: a finding too
+    for params in study.failed:  # e.g. diverged: a finding too
         failures[level(params)] += 1
     sign = 1 if direction == "maximize" else -1
     best_key = max(levels, key=lambda k: sign * statistics.mean(levels[k])) if levels else None
@@ -233,67 +244,6 @@ def _level_order(row):
     if len(key) == 1 and isinstance(key[0][1], (int, float)):
         return (0, key[0][1], "")
     return (1, 0, row["level"])
-
-
-def factor_plot(study: dict, rows: list[dict], path: Path) -> None:
-    """The objective per level with ± std error bars."""
-    plt = _pyplot()
-    metric = study["objective"][0]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    numeric = all(len(r["key"]) == 1 and isinstance(r["key"][0][1], (int, float)) for r in rows)
-    rows = [r for r in rows if r["mean"] is not None]  # failed levels have no point
-    xs = [r["key"][0][1] for r in rows] if numeric else list(range(len(rows)))
-    ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], fmt="o-", capsize=4)
-    if numeric:
-        if min(xs) > 0 and max(xs) / min(xs) >= 8:
-            ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs) else 10)
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.set_xlabel(rows[0]["key"][0][0])
-    else:
-        ax.set_xticks(xs, [r["level"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-    ax.set_title(f"study {study['name']}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def latent_plot(entry: Entry, client, path: Path, n: int = 2000) -> str:
-    """The encoder's latent vectors of up to n held-out images, PCA to 2-D, coloured by class."""
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from sklearn.decomposition import PCA
-
-    from . import data as fmnist
-    from .models import CLASSES
-
-    tmp = tempfile.mkdtemp()
-    cfg = OmegaConf.load(client.download_artifacts(entry.run_id, "config.yaml", tmp))
-    state = torch.load(client.download_artifacts(entry.run_id, "weights/state_dict.pt", tmp), weights_only=True)
-    model = instantiate(cfg.model)
-    model.load_state_dict(state)
-    model.eval()
-    splits = fmnist.load(cfg.data)
-    split, name = (splits.val, "validation") if len(splits.val) else (splits.test, "test")
-    with torch.no_grad():
-        z = model.encoder(split.x[:n]).numpy()
-    y = split.y[:n].numpy()
-    xy = PCA(n_components=2, random_state=0).fit_transform(z)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6))
-    for c, label in enumerate(CLASSES):
-        m = y == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=5, alpha=0.6, label=label, color=plt.cm.tab10(c))
-    ax.legend(markerscale=3, fontsize=8, loc="best")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(f"latent space (n={z.shape[1]}) of {len(y)} {name} images, PCA")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return name
 
 
 def _per_class(entry: Entry, client, out: Path) -> list[str]:
@@ -349,8 +299,8 @@ def report(names: list[str], where: list[str], out: Path) -> str:
     for study in studies:
         rows = factor_rows(study)
         if rows:
-            metric, direction = study["objective"]
-            lines += [f"## Study `{study['name']}`: {metric} per level ({direction}), over seeds", "",
+            metric, direction = study.objective
+            lines += [f"## Study `{study.name}`: {metric} per level ({direction}), over seeds", "",
                       f"| level | {metric} mean | std | seeds | Welch's t-test p vs best |", "|---|---|---|---|---|"]
             for r in rows:
                 failed = f" ({r['failed']} failed: diverged or crashed)" if r["failed"] else ""
@@ -359,15 +309,15 @@ def report(names: list[str], where: list[str], out: Path) -> str:
                     continue
                 p = "best" if r["best"] else (f"{r['p']:.3g}" if r["p"] is not None and math.isfinite(r["p"]) else "—")
                 lines.append(f"| {r['level']} | {r['mean']:.5f} | {r['std']:.5f} | {r['n']}{failed} | {p} |")
-            png = f"factor_{study['name']}.png"
-            factor_plot(study, rows, out / png)
+            png = f"factor_{study.name}.png"
+            factor_plot(study.name, metric, rows, out / png)
             lines += ["", f"![{metric} per level]({png})", ""]
-        recon = [e for e in study["trials"] if e.task == "reconstruct" and "val/loss" in e.metrics]
+        recon = [e for e in study.trials if e.task == "reconstruct" and "val/loss" in e.metrics]
         if recon:
             best = min(recon, key=lambda e: e.metrics["val/loss"])
-            png = f"latent_{study['name']}.png"
-            split = latent_plot(best, study["client"], out / png)
-            lines += [f"Latent space of the best autoencoder of `{study['name']}` (val/loss "
+            png = f"latent_{study.name}.png"
+            split = latent_plot(best.run_id, study.client, out / png)
+            lines += [f"Latent space of the best autoencoder of `{study.name}` (val/loss "
                       f"{best.metrics['val/loss']:.5f}, `{best.config}` seed {best.seed}), {split} images, "
                       "PCA to 2-D:", "", f"![latent space]({png})", ""]
     text = "\n".join(lines) + "\n"

@@ -73,14 +73,18 @@ def _hydra(overrides: list[str]) -> DictConfig:
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The resolved run configuration for these command-line overrides."""
     overrides = list(overrides)
+    preset = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "budget" and "=" in o), None)
+    if preset is not None and not preset.startswith("{"):
+        raise UserError(f"budget={preset}: budget is a time budget (budget.hours=H or budget.minutes=M, with "
+                        f"+experiment=best); a study's epochs preset is schedule={preset}.")
     try:
         cfg = _hydra(overrides)
     except (HydraException, MissingConfigException, ValueError) as e:
         raise UserError(_explain(e, overrides)) from None
-    budgets = cfg.get("budgets")
-    if budgets is not None and cfg.get("budget") not in budgets:
-        raise UserError(f"budget={cfg.get('budget')!r} is not one of this experiment's budgets: "
-                        f"{', '.join(budgets)}.")
+    schedules = cfg.get("schedules")
+    if schedules is not None and cfg.get("schedule") not in schedules:
+        raise UserError(f"schedule={cfg.get('schedule')!r} is not one of this experiment's schedules: "
+                        f"{', '.join(schedules)}.")
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:  # interpolation errors from omegaconf
@@ -177,7 +181,7 @@ def validate(cfg: DictConfig) -> None:
 def config_fingerprint(cfg: DictConfig) -> str:
     """What decides a trial's result: the config without where-and-how-it-runs keys."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("work_dir", "tracking", "storage", "sweep", "study", "budget", "budgets"):
+    for key in ("work_dir", "tracking", "storage", "sweep", "study", "budget", "schedule", "schedules"):
         c.pop(key, None)
     for key in ("root", "cache_dir", "download", "mirror"):
         c["data"].pop(key, None)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from . import train
+from . import record
 from .config import compose
 from .errors import UserError
 from .served import using_tracking_uri
@@ -43,7 +43,7 @@ def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
         for seed in range(seeds):
             cfg = compose(line + [f"seed={seed}"])
             cfg.trainer.progress = False
-            r = train.run(cfg, line + [f"seed={seed}"], parent_run_id=study.parent_run_id, tracker=study.tracker,
+            r = record.run(cfg, line + [f"seed={seed}"], parent_run_id=study.parent_run_id, tracker=study.tracker,
                           name=f"final trial {t.number} seed {seed}",
                           tags={"fmnist.role": "final", "optuna.study": study.name,
                                 "fmnist.final_of_trial": t.number})

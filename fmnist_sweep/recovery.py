@@ -14,12 +14,14 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from .errors import UserError
-from .storage import connection_error, describe
+from .errors import StorageLost, UserError
+from .storage import connection_error, describe, retry_callback
 
 CUT = "the study storage connection was lost; the trial is re-queued"
 DEAD = "its worker stopped (the trial is failed and re-queued)"
 INTERRUPTED = "interrupted (Ctrl-C); re-queued for the next run"
+TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it ran here (no heartbeat "
+              "reached the storage for storage.grace_period seconds)")
 
 
 def process_id() -> str:
@@ -50,43 +52,84 @@ def _is_dead(process: str | None, me: str) -> bool:
 
 
 class Recovery:
-    """One worker's recovery state for its study: the trial it runs, the one a lost
-    connection stopped, and the connections lost since its last finished trial."""
+    """One worker's recovery for its study. The study tells it which trial it runs
+    (``started``), which MLflow run awaits a trial's state (``opened``), how a trial ended
+    (``finished``), and hands it the errors it meets (``lost``, ``after_error``); it asks it
+    to ``recover`` before trials, ``settle`` after them, and to stop cleanly
+    (``interrupted``). Recovery reads and writes only the Optuna study, its storage and
+    the MLflow tracker it was given, never the Study object."""
 
-    def __init__(self, study):
-        self.study, self.process = study, process_id()
+    def __init__(self, study: optuna.Study, storage, storage_cfg, tracker, parent_run_id: str | None):
+        self.optuna, self.storage, self.storage_cfg = study, storage, storage_cfg
+        self.tracker, self.parent_run_id = tracker, parent_run_id
+        self.retry = retry_callback(storage_cfg)
+        self.process = process_id()
         self.current: int | None = None  # the trial this process is running
         self.cut: int | None = None  # a trial whose objective stopped on a lost connection
         self.taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
-        self.lost = 0
+        self.losses = 0  # connections lost since this worker's last finished trial
+        self.runs: dict[int, str] = {}  # trial number -> this process's MLflow run, until it has the trial's state
 
+    # --- what the study tells it ------------------------------------------------------------------
+    def started(self, number: int) -> None:
+        """This process runs trial ``number`` now."""
+        self.current = number
+
+    def opened(self, number: int, run_id: str) -> None:
+        """Trial ``number``'s MLflow run, made by this process, awaits the trial's final state."""
+        self.runs[number] = run_id
+
+    def finished(self, number: int, state: str) -> None:
+        """Optuna finished trial ``number`` in ``state``: its run takes the state; the losses restart."""
+        self.losses = 0
+        self.close_run(number, state)
+
+    def lost(self, number: int, e: Exception) -> StorageLost:
+        """What stops trial ``number`` that lost its storage (a cut) or that another worker's
+        heartbeat check failed (taken over): noted for after_error and recover."""
+        if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
+            self.taken_over = number
+            return StorageLost(TAKEN_OVER)
+        self.cut = number
+        return StorageLost(CUT)
+
+    def after_error(self, e: Exception) -> None:
+        """An error that ended the study loop: a trial taken over elsewhere is passed over with
+        one line (Optuna cannot tell it failed elsewhere); a lost connection is paused for
+        (pause); anything else is raised."""
+        if self.taken_over is not None:
+            print(f"trial {self.taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
+            self.taken_over = None
+            return
+        self.pause(e)
+
+    # --- what the study asks of it ------------------------------------------------------------------
     def recover(self) -> None:
         """Fail and re-queue (Optuna's retry callback, within storage.max_retry) the trials no
         worker will finish (_abandoned); Optuna's heartbeat check fails the trials of workers
         elsewhere a grace period after their last beat."""
-        s = self.study
-        if getattr(s.storage, "heartbeat_interval", None):
-            optuna.storages.fail_stale_trials(s.optuna)
-        held = getattr(s.storage, "held", None)
-        held = s.storage.get_trial(held).number if held is not None else None
-        trials = s.optuna.get_trials(deepcopy=False)
+        if getattr(self.storage, "heartbeat_interval", None):
+            optuna.storages.fail_stale_trials(self.optuna)
+        held = getattr(self.storage, "held", None)
+        held = self.storage.get_trial(held).number if held is not None else None
+        trials = self.optuna.get_trials(deepcopy=False)
         retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
         for t in trials:
             if t.number in retried or not self._abandoned(t, held):
                 continue
             if t.state == TrialState.RUNNING:
                 try:
-                    s.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                    self.optuna.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another worker's recovery failed it first, and re-queues it
-            s.retry(s.optuna, t)  # a WAITING copy of its parameters and attributes
+            self.retry(self.optuna, t)  # a WAITING copy of its parameters and attributes
             self.close_run(t.number, "FAIL", CUT)  # its result never reached the study
         for t in trials:  # a result that reached the storage though the connection broke in its commit
             if t.state.is_finished():
                 self.close_run(t.number, t.state.name)
         self.cut = None
-        if hasattr(s.storage, "held"):
-            s.storage.held = None
+        if hasattr(self.storage, "held"):
+            self.storage.held = None
         self.end_orphans()
 
     def _abandoned(self, t, held: int | None) -> bool:
@@ -100,7 +143,7 @@ class Recovery:
             return False
         if t.number in (held, self.cut) or _is_dead(t.user_attrs.get("process"), self.process):
             return True
-        grace = self.study.cfg.storage.get("grace_period")
+        grace = self.storage_cfg.get("grace_period")
         return ("process" not in t.user_attrs and grace is not None and t.datetime_start is not None
                 and (datetime.now() - t.datetime_start).total_seconds() > grace)
 
@@ -108,9 +151,9 @@ class Recovery:
         """At the study's end: a RUNNING trial still without an owner (its worker was cut off
         inside Optuna's ask, so no heartbeat will ever fail it) is waited for until
         storage.grace_period after it started, then failed and re-queued; then end_orphans."""
-        s, grace = self.study, self.study.cfg.storage.get("grace_period")
+        grace = self.storage_cfg.get("grace_period")
         while grace is not None:
-            ownerless = [t for t in s.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            ownerless = [t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                          if "process" not in t.user_attrs and t.datetime_start is not None]
             if not ownerless:
                 break
@@ -126,42 +169,40 @@ class Recovery:
     def close_run(self, number: int, state: str, failure: str | None = None) -> None:
         """The MLflow run this process made for trial ``number``, if it still awaits its trial's
         state, takes that state (and the failure's kind)."""
-        s = self.study
-        if (run := s.runs.pop(number, None)) is not None:
-            s.tracker.log(run, {}, tags={"optuna.state": state, **({"fmnist.failure": failure} if failure else {})})
+        if (run := self.runs.pop(number, None)) is not None:
+            self.tracker.log(run, {}, tags={"optuna.state": state, **({"fmnist.failure": failure} if failure else {})})
 
     def end_orphans(self) -> None:
         """This study's MLflow runs left RUNNING by trials Optuna has finished: ended KILLED."""
-        s = self.study
-        by_number = {t.number: t.state for t in s.optuna.get_trials(deepcopy=False)}
-        s.tracker.end_orphans(s.name, by_number, DEAD)
+        by_number = {t.number: t.state for t in self.optuna.get_trials(deepcopy=False)}
+        self.tracker.end_orphans(self.optuna.study_name, by_number, DEAD)
 
     def interrupted(self) -> None:
         """Ctrl-C: the trial it stopped is re-queued and marked interrupted; the study's run KILLED."""
-        s = self.study
         try:
             number = self.current
-            trial = next((t for t in s.optuna.get_trials(deepcopy=False) if t.number == number), None)
+            trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == number), None)
             if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
-                s.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-                s.retry(s.optuna, trial)
+                self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                self.retry(self.optuna, trial)
                 self.close_run(number, "FAIL", INTERRUPTED)
-            s.tracker.end(s.parent_run_id, "KILLED")
+            self.tracker.end(self.parent_run_id, "KILLED")
         except Exception:  # the storage is gone too: the next run's recovery retries the trial
             pass
 
     def pause(self, e: Exception) -> None:
         """After a lost storage connection: pauses that grow (storage.retry_pause seconds, twice
         that, ... up to five times); the sixth loss in a row ends the worker with one line."""
-        s, cut = self.study, connection_error(e)
+        cut = connection_error(e)
         if cut is None:
             raise e
-        self.lost += 1
+        self.losses += 1
         first = str(cut).splitlines()[0] if str(cut) else type(cut).__name__
-        if self.lost > 5:
-            raise UserError(f"lost the study storage {describe(s.cfg.storage)} {self.lost} times in a row: {first}") from None
+        if self.losses > 5:
+            raise UserError(f"lost the study storage {describe(self.storage_cfg)} {self.losses} times in a row: "
+                            f"{first}") from None
         print(f"storage connection lost ({first[:80]}); reconnecting", flush=True)
-        time.sleep(s.cfg.storage.get("retry_pause", 2.0) * self.lost)
+        time.sleep(self.storage_cfg.get("retry_pause", 2.0) * self.losses)
 
     def reconnecting(self, fn):
         """``fn()``, again after each lost storage connection (with the loop's pauses)."""

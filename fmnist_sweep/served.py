@@ -1,6 +1,6 @@
 """The model a run logs to MLflow: its trained network as an exported torch program (MLflow's
 PyTorch flavor, ``pt2`` format) that takes raw pixels, with a signature and an input example.
-The program holds torch's own operators only (no fast layer of ``models/fast.py``, no class
+The program holds torch's own operators only (no fast layer of ``models/fast/``, no class
 of this package), so ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and ``predict``
 run it in any process with torch and MLflow."""
 

@@ -1,5 +1,5 @@
 """Optuna studies over Hydra-composed runs. A study is one MLflow experiment with one
-parent run; every trial is a nested child run trained by train.run.
+parent run; every trial is a nested child run (objective.Objective).
 
 Durability is Optuna's: the storage's heartbeats fail the trial of a worker that stopped
 beating and its retry callback re-queues the trial's parameters (storage.py). This module
@@ -8,13 +8,10 @@ running, and on start it retries at once the trials of dead processes on its own
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
-import os
 import shlex
-import socket
 import sys
 import time
 
@@ -22,30 +19,28 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from . import train
-from .config import compose, config_fingerprint, flat_keys
-from .errors import StorageLost, UserError
-from .recovery import CUT, Recovery
-from .storage import connection_errors, describe, make_storage, retry_callback, sqlite_path
+from .config import compose
+from .errors import UserError
+from .objective import Objective, TrialFailed
+from .recovery import Recovery
+from .storage import describe, make_storage, sqlite_path
 from .sweep import load_sweep, make_pruner, make_sampler
 from .tracking import Tracker
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what fills a study's n_trials budget
-TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it ran here (no heartbeat "
-              "reached the storage for storage.grace_period seconds)")
 
 
-def _not_a_trial_failure(record: logging.LogRecord) -> bool:
+def _not_a_trial_failure(entry: logging.LogRecord) -> bool:
     """Optuna logs every failed trial with its traceback; the study prints its own line."""
-    return "failed with" not in record.getMessage()
+    return "failed with" not in entry.getMessage()
 
 
 class _Stderr(logging.StreamHandler):
     """Writes to sys.stderr as it is when a record comes, not as it was at import."""
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def emit(self, entry: logging.LogRecord) -> None:
         self.stream = sys.stderr
-        super().emit(record)
+        super().emit(entry)
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -53,10 +48,6 @@ optuna.logging.disable_default_handler()
 _handler = _Stderr()
 _handler.addFilter(_not_a_trial_failure)
 logging.getLogger("optuna").addHandler(_handler)
-
-
-class TrialFailed(Exception):
-    """A trial whose run failed (diverged, crashed): the study goes on."""
 
 
 def _base_overrides(overrides: list[str]) -> list[str]:
@@ -87,13 +78,10 @@ class Study:
             self._first_time_or_same_space()
         self.tracker = Tracker(cfg.tracking.uri, self.name, cfg.tracking.artifact_root, create=not read_only)
         self.parent_run_id = self.tracker.parent_run(self.name, None if read_only else self._parent_spec())
-        self.host = socket.gethostname()
-        self.device = train.device_label(cfg.trainer.device)
-        self.retry = retry_callback(cfg.storage)
-        self._keys_cache: dict[tuple[str, ...], frozenset[str]] = {}
-        self.runs: dict[int, str] = {}  # trial number -> this process's MLflow run, until it has the trial's state
-        self.recovery = Recovery(self)
+        self.recovery = Recovery(self.optuna, self.storage, cfg.storage, self.tracker, self.parent_run_id)
         self.reconnecting = self.recovery.reconnecting
+        self.objective = Objective(cfg, self.sweep, self.base, self.optuna, self.tracker, self.parent_run_id,
+                                   self.recovery)
 
     def _first_time_or_same_space(self) -> None:
         """A new study records its sweep and enqueues its starting points; an existing one
@@ -121,69 +109,6 @@ class Study:
                          "optuna.directions": ",".join(d for _, d in self.sweep.objectives),
                          "optuna.objectives": ",".join(m for m, _ in self.sweep.objectives)}}
 
-    # --- one trial ------------------------------------------------------------------------------
-    def objective(self, trial: optuna.Trial):
-        """One trial: its values; a lost storage connection or a trial taken over by another
-        worker is not the trial's failure (StorageLost: the worker re-queues it)."""
-        self.recovery.current = trial.number
-        try:
-            return self._trial(trial)
-        except StorageLost:
-            raise
-        except KeyboardInterrupt:
-            with contextlib.suppress(Exception):  # counted apart from failures (by number: a retry copies it)
-                trial.set_user_attr("fmnist.interrupted", trial.number)
-            raise
-        except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
-            raise self.storage_lost(trial, e) from e
-
-    def storage_lost(self, trial: optuna.Trial, e: Exception) -> StorageLost:
-        """What stops a trial that lost its storage (a cut) or that another worker's heartbeat
-        check failed (taken over): noted for the loop, which re-queues or skips it."""
-        if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
-            self.recovery.taken_over = trial.number
-            return StorageLost(TAKEN_OVER)
-        self.recovery.cut = trial.number
-        return StorageLost(CUT)
-
-    def _trial(self, trial: optuna.Trial):
-        """Suggest, compose and train (or reuse a twin's result); the trial's objective values."""
-        trial.set_user_attr("worker", f"{self.host}:{os.getpid()}")
-        trial.set_user_attr("process", self.recovery.process)
-        trial.set_user_attr("host", self.host)
-        trial.set_user_attr("device", self.device)
-        suggested = self.sweep.space.suggest(trial, self._keys_for)
-        chosen = {o.split("=", 1)[0] for o in suggested}
-        line = [o for o in self.base if o.lstrip("+~").split("=", 1)[0] not in chosen] + ["sweep=null"] + suggested
-        cfg = compose(line)
-        cfg.trainer.progress = False  # the study prints one line per trial instead
-        fp = config_fingerprint(cfg)
-        trial.set_user_attr("overrides", shlex.join(line))
-        trial.set_user_attr("fingerprint", fp)
-        tags = {"optuna.study": self.name, "optuna.trial_number": trial.number, "fmnist.host": self.host}
-        twin = next((t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.user_attrs.get("fingerprint") == fp), None)
-        if twin is not None:
-            return _reuse(self, trial, twin, line, tags)
-        result = train.run(cfg, line, report=_reporter(self, trial), parent_run_id=self.parent_run_id, tags=tags,
-                           tracker=self.tracker, name=f"trial {trial.number}", log_model=_log_model(self))
-        self.runs[trial.number] = result.run_id
-        trial.set_user_attr("mlflow_run_id", result.run_id)
-        if result.status == "KILLED":
-            raise optuna.TrialPruned(result.message)
-        if result.status != "FINISHED":
-            trial.set_user_attr("failure", result.message)
-            raise TrialFailed(result.message)
-        values = [result.metrics[m] for m, _ in self.sweep.objectives]
-        return values[0] if len(values) == 1 else values
-
-    def _keys_for(self, overrides: list[str]) -> frozenset[str]:
-        """The config keys present with these group choices: listed once per distinct choice."""
-        key = tuple(overrides)
-        if key not in self._keys_cache:
-            self._keys_cache[key] = frozenset(flat_keys(compose(self.base + ["sweep=null"] + overrides)))
-        return self._keys_cache[key]
-
     # --- the loop ------------------------------------------------------------------------------
     def optimize(self, more: int | None = None) -> None:
         """Run trials until the study holds its budget of COMPLETE+PRUNED trials.
@@ -197,7 +122,8 @@ class Study:
             print(f"study {self.name}: {done} of {self.target} trials already done; --more N adds trials")
             return
         print(f"study {self.name}: {done} of {self.target} trials done, {self.target - done} to run "
-              f"(storage {describe(self.cfg.storage)}, MLflow experiment '{self.name}', {self.host} {self.device})", flush=True)
+              f"(storage {describe(self.cfg.storage)}, MLflow experiment '{self.name}', {self.objective.host} "
+              f"{self.objective.device})", flush=True)
         self._failures = 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - done)
         callbacks = [self._after_trial, Progress(self, done, self.target),
@@ -214,18 +140,13 @@ class Study:
             except UserError:
                 raise
             except Exception as e:
-                if self.recovery.taken_over is not None:  # Optuna cannot tell a trial failed elsewhere
-                    print(f"trial {self.recovery.taken_over}: {TAKEN_OVER}; going on with the next trial", flush=True)
-                    self.recovery.taken_over = None
-                    continue
-                self.recovery.pause(e)
+                self.recovery.after_error(e)
         self.reconnecting(self.recovery.settle)
         self.tracker.end(self.parent_run_id, "FINISHED")
 
     def _after_trial(self, study, frozen) -> None:
         """Optuna callback: the trial's MLflow run takes its final state; failures are counted."""
-        self.recovery.lost = 0
-        self.recovery.close_run(frozen.number, frozen.state.name)
+        self.recovery.finished(frozen.number, frozen.state.name)
         self._failures += frozen.state == TrialState.FAIL
         if self._failures >= self._max_failures:
             print(f"stopping: {self._failures} trials failed in this session (max_failures {self._max_failures})",
@@ -265,51 +186,6 @@ class Study:
     def summary(self) -> tuple[dict[str, int], list]:
         """Counts per state and the best trials, read after the study (riding out a cut)."""
         return self.reconnecting(lambda: (self.counts(), self.best_trials()))
-
-
-def _reporter(study: Study, trial: optuna.Trial):
-    """train.run's per-epoch hook: report the objective to Optuna, say whether to prune."""
-    metric = study.sweep.objectives[0][0]
-
-    def report(epoch: int, metrics: dict) -> bool:
-        if len(study.sweep.objectives) > 1 or metric not in metrics:
-            return False
-        try:
-            trial.report(metrics[metric], epoch)
-            return trial.should_prune()
-        except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
-            raise study.storage_lost(trial, e) from e  # train.run then ends its run KILLED, not FAILED
-
-    return report
-
-def _log_model(study: Study):
-    """Whether a finished trial logs its MLflow Model: all, or (tracking.log_models=best) one
-    whose objective beats every COMPLETE trial's so far (several objectives: all)."""
-    if study.cfg.tracking.get("log_models", "best") == "all" or len(study.sweep.objectives) > 1:
-        return True
-    metric, direction = study.sweep.objectives[0]
-
-    def best_so_far(result) -> bool:
-        try:
-            best = study.optuna.best_value
-        except ValueError:  # no COMPLETE trial yet
-            return True
-        value = result.metrics.get(metric)
-        return value is not None and (value > best if direction == "maximize" else value < best)
-    return best_so_far
-
-
-def _reuse(study: Study, trial, twin, line, tags):
-    """Same composed config as a finished trial: take its result instead of retraining."""
-    trial.set_user_attr("duplicate_of", twin.number)
-    run_id = study.tracker.start(f"trial {trial.number}", {}, {
-        **tags, "fmnist.duplicate_of_trial": twin.number, "fmnist.overrides": shlex.join(line),
-        "fmnist.duplicate_of_run": twin.user_attrs.get("mlflow_run_id", "")}, parent_run_id=study.parent_run_id)
-    study.runs[trial.number] = run_id
-    study.tracker.log(run_id, {m: v for (m, _), v in zip(study.sweep.objectives, twin.values)})
-    study.tracker.end(run_id, "FINISHED")
-    trial.set_user_attr("mlflow_run_id", run_id)
-    return twin.values[0] if len(twin.values) == 1 else twin.values
 
 
 class Progress:

@@ -19,7 +19,7 @@ lane_resnet() {  # the stronger family: search on 30% of the data, then 3 seeds 
   run 1 finalize resnet_search --top-k 1 --seeds 3 trainer.epochs=30 data.train_fraction=1.0
 }
 
-lane_studies() {  # the two published studies, short budgets
+lane_studies() {  # the two published studies, short schedules
   run 0 +experiment=keras_cnn
   for f in latent dropout lr optimizer output batch; do run 0 +experiment=torch_ae_$f; done
   run 0 +experiment=pretrain_vs_scratch

@@ -11,7 +11,7 @@ import torch
 
 from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose
-from fmnist_sweep.train import run
+from fmnist_sweep.record import run
 from tests.helpers import lr_sweep, mlflow_runs, trials
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

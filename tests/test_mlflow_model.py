@@ -34,10 +34,9 @@ def in_process_classes(client, run_id: str, images: np.ndarray) -> np.ndarray:
     from omegaconf import OmegaConf
 
     from fmnist_sweep.train import build
-    from fmnist_sweep.tracking import Tracker
 
     cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml"))
-    b = build(cfg, [], Tracker(client.tracking_uri, "scratch"), None)
+    b = build(cfg)
     b.model.load_state_dict(torch.load(client.download_artifacts(run_id, "weights/state_dict.pt")))
     b.model.eval()
     with torch.no_grad():

@@ -241,13 +241,13 @@ def test_conv_activation_fusion_keeps_parameters_outputs_and_gradients(activatio
 @pytest.mark.parametrize("backend", ["blas", "onednn"])
 @pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
 def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, monkeypatch):
-    """The SimpleRNN's layer: its products through torch's BLAS (Intel CPUs) or oneDNN
-    (others) and a hand-written backward, the same sequence, final state and gradients
+    """The SimpleRNN's layer: its products through torch's BLAS or oneDNN and a hand-written backward, the same sequence, final state and gradients
     (input, both weights, both biases) as nn.RNN, leaving the incoming gradient as it
     was; with an initial state or under bf16 autocast it is torch's own."""
-    from fmnist_sweep.models import RNN, fast as fast_layers
+    from fmnist_sweep.models import RNN
+    from fmnist_sweep.models.fast import elman
 
-    monkeypatch.setattr(fast_layers, "_gemm_backend", lambda: backend)
+    monkeypatch.setattr(elman, "_gemm_backend", lambda: backend)
     torch.manual_seed(0)
     ref = torch.nn.RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
     fast = RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
@@ -275,13 +275,14 @@ def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, mon
 
 @pytest.mark.parametrize("vendor, family, backend", [("GenuineIntel", 6, "blas"), ("AuthenticAMD", 25, "blas"),
                                                      ("AuthenticAMD", 26, "onednn")])
-def test_fast_rnn_picks_onednn_on_amd_zen5_and_mkl_elsewhere(tmp_path, vendor, family, backend):
+def test_fast_rnn_picks_onednn_on_amd_family_26_and_mkl_elsewhere(tmp_path, vendor, family, backend):
     from fmnist_sweep.models import fast
+    from fmnist_sweep.models.fast import elman
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
                        "flags\t\t: fpu avx512_bf16\nvmx flags\t: ept\n")
-    assert fast._gemm_backend(str(cpuinfo)) == backend
+    assert elman._gemm_backend(str(cpuinfo)) == backend
     assert fast.cpuinfo_field("flags", str(cpuinfo)) == "fpu avx512_bf16"  # what bf16 autocast is decided on
     assert fast.cpuinfo_field("flags", str(tmp_path / "absent")) == ""
 
@@ -291,10 +292,10 @@ def test_fast_rnn_picks_onednn_on_amd_zen5_and_mkl_elsewhere(tmp_path, vendor, f
                                                 ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "blas")])
 def test_fast_rnn_backend_where_there_is_no_cpuinfo(tmp_path, monkeypatch, processor, backend):
     """Windows has no /proc/cpuinfo: vendor and family come from platform.processor()."""
-    from fmnist_sweep.models import fast
+    from fmnist_sweep.models.fast import elman
 
-    monkeypatch.setattr(fast.platform, "processor", lambda: processor)
-    assert fast._gemm_backend(str(tmp_path / "absent")) == backend
+    monkeypatch.setattr(elman.platform, "processor", lambda: processor)
+    assert elman._gemm_backend(str(tmp_path / "absent")) == backend
 
 
 def test_rnn_model_trains_with_the_fast_layer():

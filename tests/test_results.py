@@ -23,25 +23,32 @@ AE_PRESETS = ["torch_ae_latent", "torch_ae_dropout", "torch_ae_lr", "torch_ae_op
               "torch_ae_batch"]
 
 
-def test_presets_carry_the_published_hyperparameters_and_budgets():
+def test_presets_carry_the_published_hyperparameters_and_schedules():
     cnn = compose(["+experiment=keras_cnn"])
     assert (cnn.optimizer._target_, cnn.optimizer.lr, cnn.trainer.batch_size) == ("torch.optim.RMSprop", 0.001, 100)
-    assert cnn.trainer.epochs == 15 and compose(["+experiment=keras_cnn", "budget=full"]).trainer.epochs == 150
-    rnn = compose(["+experiment=keras_rnn", "budget=full"])
+    assert cnn.trainer.epochs == 15 and compose(["+experiment=keras_cnn", "schedule=full"]).trainer.epochs == 150
+    rnn = compose(["+experiment=keras_rnn", "schedule=full"])
     assert (rnn.optimizer._target_, rnn.optimizer.lr, rnn.optimizer.momentum, rnn.trainer.batch_size,
             rnn.trainer.epochs) == ("torch.optim.SGD", 0.01, 0.0, 65, 25)
-    lstm = compose(["+experiment=keras_bilstm", "budget=full"])
+    lstm = compose(["+experiment=keras_bilstm", "schedule=full"])
     assert (lstm.optimizer._target_, lstm.optimizer.lr, lstm.trainer.batch_size, lstm.trainer.epochs) == (
         "torch.optim.Adam", 0.01, 64, 20)
-    ae = compose(["+experiment=torch_ae_latent", "budget=full"])
+    ae = compose(["+experiment=torch_ae_latent", "schedule=full"])
     assert (ae.model.latent_dim, ae.model.dropout, ae.optimizer.lr, ae.trainer.batch_size,
             ae.data.train_fraction) == (64, 0.2, 0.001, 100, 1.0)
 
 
-def test_unknown_budget_is_one_clear_line(capsys):
-    assert main(["+experiment=keras_cnn", "budget=huge"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: budget='huge' is not one of this experiment's budgets: "
+def test_unknown_schedule_is_one_clear_line(capsys):
+    assert main(["+experiment=keras_cnn", "schedule=huge"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: schedule='huge' is not one of this experiment's schedules: "
                                                "short, full.")
+
+
+def test_a_preset_given_as_budget_names_schedule(capsys):
+    assert main(["+experiment=keras_cnn", "budget=full"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: budget=full: budget is a time budget (budget.hours=H or budget.minutes=M, with +experiment=best); "
+        "a study's epochs preset is schedule=full.")
 
 
 @pytest.mark.parametrize("preset", sorted(SINGLE_PRESETS))
@@ -180,16 +187,16 @@ def test_compare_errors_are_one_line(tiny_overrides, workdir, capsys):
 def test_levels_where_every_seed_failed_are_reported_not_dropped():
     from types import SimpleNamespace
 
-    from fmnist_sweep.compare import Entry, factor_rows
+    from fmnist_sweep.compare import Entry, StudyRecord, factor_rows
 
     def entry(lr, seed, loss):
         run = SimpleNamespace(data=SimpleNamespace(metrics={"val/loss": loss}, tags={}, params={}),
                               info=SimpleNamespace(run_id=f"{lr}-{seed}"))
         return Entry(run, "s", "trial", "autoencoder", "reconstruct", "", seed, {"optimizer.lr": lr, "seed": seed})
 
-    study = {"name": "s", "objective": ("val/loss", "minimize"),
-             "trials": [entry(0.001, 0, 0.010), entry(0.001, 1, 0.012), entry(0.0001, 0, 0.03), entry(0.0001, 1, 0.02)],
-             "failed": [{"optimizer.lr": 0.03, "seed": 0}, {"optimizer.lr": 0.03, "seed": 1}]}
+    study = StudyRecord("s", ("val/loss", "minimize"),
+                        [entry(0.001, 0, 0.010), entry(0.001, 1, 0.012), entry(0.0001, 0, 0.03), entry(0.0001, 1, 0.02)],
+                        [{"optimizer.lr": 0.03, "seed": 0}, {"optimizer.lr": 0.03, "seed": 1}])
     rows = {r["level"]: r for r in factor_rows(study)}
     assert rows["optimizer.lr=0.001"]["best"] and rows["optimizer.lr=0.001"]["mean"] == pytest.approx(0.011)
     assert rows["optimizer.lr=0.03"]["mean"] is None and rows["optimizer.lr=0.03"]["failed"] == 2
@@ -198,12 +205,12 @@ def test_levels_where_every_seed_failed_are_reported_not_dropped():
     assert [r["level"] for r in factor_rows(study)] == ["optimizer.lr=0.0001", "optimizer.lr=0.001",
                                                          "optimizer.lr=0.03"]
     # levels that do not vary over their seeds: no p-value (Welch's test is undefined), no warning
-    study["trials"] = [entry(0.001, 0, 0.01), entry(0.001, 1, 0.01), entry(0.0001, 0, 0.02), entry(0.0001, 1, 0.02)]
+    study.trials = [entry(0.001, 0, 0.01), entry(0.001, 1, 0.01), entry(0.0001, 0, 0.02), entry(0.0001, 1, 0.02)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = {r["level"]: r for r in factor_rows(study)}
     assert rows["optimizer.lr=0.001"]["best"] and rows["optimizer.lr=0.0001"]["p"] is None
-    study["trials"][3] = entry(0.0001, 1, 0.03)  # one level varies: tested, still no warning
+    study.trials[3] = entry(0.0001, 1, 0.03)  # one level varies: tested, still no warning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's, on the constant level
         expected = stats.ttest_ind([0.01, 0.01], [0.02, 0.03], equal_var=False).pvalue

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose
 from fmnist_sweep import data as fmnist
-from fmnist_sweep.train import evaluate, run, tta_views
+from fmnist_sweep.record import run
+from fmnist_sweep.train import evaluate, tta_views
 from tests.helpers import mlflow_runs
 
 
@@ -201,7 +202,7 @@ def test_bf16_where_it_is_not_fast_warns_and_auto_stays_fp32(tiny_overrides, wor
                                                               vendor, flags, why):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\nflags\t\t: {flags}\n")
-    monkeypatch.setattr("fmnist_sweep.train.CPUINFO", str(cpuinfo))
+    monkeypatch.setattr("fmnist_sweep.hardware.CPUINFO", str(cpuinfo))
     assert main(tiny_overrides) == 0
     assert "warning" not in capsys.readouterr().out
     assert main(tiny_overrides + ["trainer.precision=bf16"]) == 0
@@ -216,11 +217,11 @@ def test_bf16_where_it_is_not_fast_warns_and_auto_stays_fp32(tiny_overrides, wor
     ("AuthenticAMD", "fpu avx512_bf16", True),                     # Zen 4, Zen 5
     ("AuthenticAMD", "fpu avx2", False), ("GenuineIntel", "fpu avx2", False)])
 def test_precision_auto_uses_bf16_only_where_the_cpu_makes_it_fast(tmp_path, monkeypatch, vendor, flags, fast):
-    from fmnist_sweep.train import select_precision
+    from fmnist_sweep.hardware import select_precision
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n")
-    monkeypatch.setattr("fmnist_sweep.train.CPUINFO", str(cpuinfo))
+    monkeypatch.setattr("fmnist_sweep.hardware.CPUINFO", str(cpuinfo))
     cnn = instantiate(compose(["model=cnn"]).model)
     assert select_precision("auto", torch.device("cpu"), cnn) == ("bf16" if fast else "fp32")
 
@@ -236,11 +237,11 @@ def test_training_keeps_freed_memory_in_the_process(tiny_overrides, workdir, mon
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's allocator only")
     calls = []
-    monkeypatch.setattr("fmnist_sweep.train.keep_freed_memory", lambda keep=True: calls.append(keep))
+    monkeypatch.setattr("fmnist_sweep.hardware.keep_freed_memory", lambda keep=True: calls.append(keep))
     assert main(tiny_overrides) == 0 and calls == [True]
     probe = """
 import ctypes, sys, torch
-from fmnist_sweep.train import keep_freed_memory
+from fmnist_sweep.hardware import keep_freed_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -265,10 +266,11 @@ def test_cpu_fast_paths_run_on_tested_torch_releases_and_fall_back_elsewhere(rel
     layers (the recurrence is never entered) and still finishes; the run's record says which."""
     from fmnist_sweep.models import fast
     from fmnist_sweep.models.cnn import CNN
+    from fmnist_sweep.models.fast import elman
 
     if release is not None:
         monkeypatch.setattr(fast, "TORCH_VERSION", release)
-        monkeypatch.setattr(fast._Elman, "apply", lambda *a: pytest.fail("fast recurrence on an untested torch"))
+        monkeypatch.setattr(elman._Elman, "apply", lambda *a: pytest.fail("fast recurrence on an untested torch"))
     assert (fast.fuse_conv_activations(CNN()) > 0) == (on and torch.backends.mkldnn.is_available())
     for model in ("cnn", "rnn"):
         result = run(compose([*tiny_overrides, f"model={model}"]))
