@@ -1,7 +1,7 @@
 """What each CPU fast path of models/fast/ gains: training images/s of a family with every
 fast path on, and with that one path off (torch's own layer instead), side by side in one
 process, interleaved windows, medians; beside them the family with torch.compile
-(trainer.compile=default, which replaces the fused convolution with its own fusion).
+(trainer.compile=default).
 
     python bench/fast_paths.py                                   # this CPU, its default precision
     python bench/fast_paths.py --precision fp32                  # fp32 on a bf16 CPU
@@ -32,10 +32,9 @@ from fmnist_sweep.train import make_optimizer, train_epoch
 
 BATCH = {"cnn": 100, "rnn": 65, "autoencoder": 100}
 OPTIMIZER = {"cnn": "rmsprop", "rnn": "sgd", "autoencoder": "adam"}
-LAYERS = {"dropout": (fast.Dropout, nn.Dropout), "flatten": (fast.Flatten, nn.Flatten),
-          "conv_transpose": (fast.ConvTranspose2d, nn.ConvTranspose2d), "elman_rnn": (fast.RNN, nn.RNN)}
-PATHS = {"cnn": ["fused_conv", "dropout", "flatten"], "autoencoder": ["fused_conv", "dropout", "conv_transpose"],
-         "rnn": ["elman_rnn", "dropout"]}
+LAYERS = {"dropout": (fast.Dropout, nn.Dropout), "conv_transpose": (fast.ConvTranspose2d, nn.ConvTranspose2d),
+          "elman_rnn": (fast.RNN, nn.RNN)}
+PATHS = {"cnn": ["dropout"], "autoencoder": ["dropout", "conv_transpose"], "rnn": ["elman_rnn", "dropout"]}
 
 
 def build(name: str, off: str | None = None, compile_mode: str | None = None):
@@ -44,8 +43,6 @@ def build(name: str, off: str | None = None, compile_mode: str | None = None):
     torch.manual_seed(0)
     cfg = compose([f"model={name}", f"optimizer={OPTIMIZER[name]}"])
     model = instantiate(cfg.model)
-    if off != "fused_conv" and not compile_mode:
-        fast.fuse_conv_activations(model)
     for m in model.modules():
         if off in LAYERS and type(m) is LAYERS[off][0]:
             m.__class__ = LAYERS[off][1]  # a subclass adding no state: the same module

@@ -35,7 +35,6 @@ def main():
 
     from fmnist_sweep import served
     from fmnist_sweep.config import compose
-    from fmnist_sweep.models import fuse_conv_activations
     from fmnist_sweep.tracking import Tracker
 
     torch.set_num_threads(1)
@@ -46,7 +45,6 @@ def main():
     first = None
     for family in families:
         model = instantiate(compose([f"model={family}"]).model)
-        fuse_conv_activations(model)  # as a run trains it: the fast layers the export replaces
         times, saves = [], []
         for i in range(repeats + (first is None)):
             run_id = tracker.start(f"{family} {i}", {}, {})

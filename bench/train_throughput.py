@@ -35,8 +35,7 @@ from PIL import Image
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
 from fmnist_sweep.models import fast
-from fmnist_sweep.hardware import (compile_for_training, cpu_fast_paths, cpu_has_fast_bf16, keep_freed_memory,
-                                   select_precision, threads_for)
+from fmnist_sweep.hardware import compile_for_training, cpu_has_fast_bf16, keep_freed_memory, select_precision, threads_for
 from fmnist_sweep.train import make_optimizer, train_epoch
 
 BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100, "resnet": 128}
@@ -61,13 +60,12 @@ class TutorialFashionMNIST(torch.utils.data.Dataset):
         return t.permute(2, 0, 1).contiguous().float().div(255), target
 
 
-def build(name, engine: bool, compile_mode: str | None = None):
+def build(name, engine: bool):
     torch.manual_seed(0)
     cfg = compose([f"model={name}", f"optimizer={OPTIMIZER[name]}"])
     model = instantiate(cfg.model)
     params = model.parameters()
     if engine:  # as run() builds it on a CPU
-        cpu_fast_paths(model, compile_mode)
         return model, make_optimizer(cfg.optimizer, params)
     return stock_layers(model), instantiate(cfg.optimizer)(params)
 
@@ -77,8 +75,7 @@ def stock_layers(model):
     subclasses that add no state, so they become their base class) in the published order
     (ReLU before max-pool)."""
     for m in model.modules():
-        # every layer defined in models.fast (the fused Conv2dActivation only exists in the
-        # engine's build, which this is not applied to)
+        # every layer defined in models.fast
         if type(m).__module__.startswith(fast.__name__ + "."):
             m.__class__ = m.__class__.__bases__[0]
         if isinstance(m, torch.nn.Sequential):
@@ -141,7 +138,7 @@ def rnn_forward_flops(model, batch, steps=28) -> int:
 
 
 def engine_rate(name, images, labels, precision, channels_last, compile_mode=None):
-    model, opt = build(name, engine=True, compile_mode=compile_mode)
+    model, opt = build(name, engine=True)
     cl = channels_last if channels_last is not None else getattr(model, "channels_last_gain", False)
     if cl:
         model.to(memory_format=torch.channels_last)

@@ -14,12 +14,13 @@ left of the budget. Deadlines reach the training runs as ``trainer.deadline``.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import threading
 import time
 
-from .best_plan import Plan, measure, plan_final, waves
+from .best_plan import Plan, measure, minimum_budget, plan_final, waves
 from .errors import UserError
 
 MARGIN = "budget.margin_s"  # seconds kept back for start-up, registration and the report
@@ -89,16 +90,23 @@ def run(cfg, overrides: list[str], started: float) -> int:
     total = budget_seconds(cfg)
     if cfg.sweep is None:
         raise UserError("a time budget needs a search: use +experiment=best budget.hours=H")
+    cores = sorted(os.sched_getaffinity(0))
+    speed = None
+    if not _exists(cfg):  # a first session: a budget below this machine's minimum starts nothing
+        speed = _measure(cfg, cores, total)
+        minimum = minimum_budget(cfg, speed, cores, time.time() - started)
+        if total < minimum:
+            raise UserError(f"budget {_hm(total)} is below the smallest plan on this machine, "
+                            f"{_hm(minimum)}: run with budget.minutes={math.ceil(minimum / 6) / 10:g} or more")
     study = Study(cfg, overrides)
     attrs = study.optuna.user_attrs
     if attrs.get("budget.registered"):
         print(f"study {study.name}: done, nothing left to run (to start afresh: study.name=NEW)")
         print(report(study, attrs), end="")
         return 0
-    cores = sorted(os.sched_getaffinity(0))
     with Clock(study, total, started) as clock:
         print(f"budget {_hm(total)}: {_hm(clock.spent())} already spent, {_hm(clock.left())} left", flush=True)
-        speed = measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total), len(cores))
+        speed = speed or _measure(cfg, cores, total)
         plan = Plan(total, clock.left(), cores, speed, cfg, attrs)
         print(plan.text(), flush=True)
         for key, value in (("budget.total", total), ("budget.search_seconds", plan.search_seconds),
@@ -111,6 +119,25 @@ def run(cfg, overrides: list[str], started: float) -> int:
         _phase(study, clock, "register", lambda: register(study))
     print(report(study, study.optuna.user_attrs), end="")
     return 0
+
+
+def _exists(cfg) -> bool:
+    """Whether the storage holds this command's study already (a resumed session)."""
+    import optuna
+
+    from .storage import make_storage, sqlite_path
+    from .sweep import load_sweep
+
+    path = sqlite_path(str(cfg.storage.get("url") or cfg.storage.get("path")))
+    if path is not None and not path.exists():
+        return False
+    name = cfg.study.name or load_sweep(cfg.sweep).name
+    return name in optuna.study.get_all_study_names(make_storage(cfg.storage))
+
+
+def _measure(cfg, cores: list[int], total: float) -> dict:
+    """This machine's speed for the search's model, as many runs at once as cores (best_plan.measure)."""
+    return measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total), len(cores))
 
 
 def _phase(study, clock: Clock, name: str, work) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from .best_plan import waves
+from .errors import stop_signal
 from .finalize import DROP
 
 
@@ -33,8 +34,10 @@ def _final_seed(job: dict) -> dict:
     os.environ["FMNIST_DEADLINE"] = f"{job['deadline']:.0f}"
     from . import record
     from .config import compose
+    from .errors import stop_on_signals
     from .tracking import Tracker
 
+    stop_on_signals()
     line = job["line"] + [f"seed={job['seed']}", f"trainer.threads={len(job['cores'])}"]
     cfg = compose(line)
     cfg.trainer.progress = False
@@ -61,8 +64,13 @@ def run_waves(study, trial, epochs: int, plan, deadline: float) -> None:
                 for i, s in enumerate(batch)]
         print(f"final: seeds {batch} at once, {threads} thread{'s' if threads > 1 else ''} each", flush=True)
         with ProcessPoolExecutor(len(jobs), mp_context=spawn) as pool:
-            for result in pool.map(_final_seed, jobs):
-                _record(study, result)
+            try:
+                for result in pool.map(_final_seed, jobs):
+                    _record(study, result)
+            except KeyboardInterrupt as e:  # Ctrl-C or a stop signal: the same to each seed's process
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, stop_signal(e))
+                raise
 
 
 def _record(study, result: dict) -> None:

@@ -17,7 +17,7 @@ from . import hardware, train
 
 # Costs the speed measurement does not see, each read off past runs' MLflow records (docs/PERFORMANCE.md):
 TRIAL_OVERHEAD = 3.0   # s per trial beside its epochs: a trial's perf/train_seconds minus its epochs' perf/epoch_seconds
-RUN_OVERHEAD = 15.0    # s per final run: its process's wall time minus its epochs' perf/epoch_seconds
+RECORD_OVERHEAD = 5.0  # s per final run beside its start-up, epochs and test: its MLflow run, artifacts and Model
 EPOCH_OVERHEAD = 0.25  # s per epoch beside its images: perf/epoch_seconds minus images / the measured images/s
 PRUNED_SHARE = 0.45    # epochs Hyperband's trials train, as a share of the longest trial's: sum of last_step / (trials x epochs)
 
@@ -52,44 +52,52 @@ def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> 
 def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1) -> dict:
     """Images/s of ``cfg``'s model on this machine for each thread count, with the allocator
     settings the runs train with; the slowdown of ``at_once`` 1-thread runs side by side on a
-    CPU (shared caches and memory, and cores that may be hyperthreads of one); the splits' sizes."""
+    CPU (shared caches and memory, and cores that may be hyperthreads of one); the start-up of a
+    run's process (those runs' own, in fresh processes); the splits' sizes; the measurement's seconds."""
+    t0 = time.perf_counter()
     hardware.keep_freed_memory()
     b = train.build(cfg)
     speed = {k: _speed(b, k, seconds) for k in sorted(set(threads) | {1})}
     torch.set_num_threads(hardware.threads_for("auto"))
-    slowdown = 1.0
-    if at_once > 1 and b.device.type == "cpu":
-        slowdown = max(1.0, speed[1]["train"] / side_by_side(cfg, at_once, seconds))
+    k = at_once if b.device.type == "cpu" else 1
+    at_once_speed, startup = side_by_side(cfg, k, seconds)
+    slowdown = max(1.0, speed[1]["train"] / at_once_speed) if k > 1 else 1.0
     n_all = round(len(b.data.train) / cfg.data.train_fraction) + len(b.data.val)  # the final models' images
-    return {"threads": speed, "slowdown": slowdown, "at_once": at_once, "n_train": len(b.data.train),
-            "n_val": len(b.data.val), "n_all": n_all, "n_test": len(b.data.test)}
+    return {"threads": speed, "slowdown": slowdown, "at_once": at_once, "startup": startup,
+            "n_train": len(b.data.train), "n_val": len(b.data.val), "n_all": n_all, "n_test": len(b.data.test),
+            "seconds": time.perf_counter() - t0}
 
 
-def _one_of_many(container: dict, seconds: float, barrier, results) -> None:
-    """A 1-thread measurement in its own process, timed once all of them are warm."""
+def _one_of_many(container: dict, seconds: float, barrier, results, launched: float) -> None:
+    """A 1-thread measurement in its own process, timed once all of them are warm; and the
+    seconds from its launch until it was ready to train, with what a run imports (MLflow too)."""
+    from . import record  # noqa: F401  (a run's process imports it: its start-up counts)
+
     hardware.keep_freed_memory()
     b = train.build(OmegaConf.create(container))
-    results.put(_speed(b, 1, seconds, ready=barrier.wait)["train"])
+    startup = time.time() - launched
+    results.put((_speed(b, 1, seconds, ready=barrier.wait)["train"], startup))
 
 
-def side_by_side(cfg, k: int, seconds: float) -> float:
-    """Mean training images/s of each of ``k`` 1-thread runs in ``k`` processes at once."""
+def side_by_side(cfg, k: int, seconds: float) -> tuple[float, float]:
+    """Mean training images/s of each of ``k`` 1-thread runs in ``k`` processes at once, and the
+    longest start-up of those processes (launch to ready to train)."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(k, timeout=120), ctx.Queue()
     container = OmegaConf.to_container(cfg, resolve=True)
-    procs = [ctx.Process(target=_one_of_many, args=(container, seconds, barrier, results), daemon=True)
+    procs = [ctx.Process(target=_one_of_many, args=(container, seconds, barrier, results, time.time()), daemon=True)
              for _ in range(k)]
     for p in procs:
         p.start()
-    speeds: list[float] = []
+    got: list[tuple[float, float]] = []
     try:
-        while len(speeds) < k:
+        while len(got) < k:
             try:
-                speeds.append(results.get(timeout=1))
+                got.append(results.get(timeout=1))
             except queue.Empty:
                 if not any(p.is_alive() for p in procs):
                     raise RuntimeError("the side-by-side speed measurement failed (its processes exited)") from None
-        return statistics.mean(speeds)
+        return statistics.mean(s for s, _ in got), max(t for _, t in got)
     finally:
         for p in procs:
             p.join(5)
@@ -130,8 +138,21 @@ class Plan:
         epoch = epoch_seconds(speed, 1, speed["n_train"], speed["n_val"], at_once=self.workers)
         self.trial_seconds = cfg.trainer.epochs * epoch + TRIAL_OVERHEAD
         self.min_trial_seconds = epoch + TRIAL_OVERHEAD
-        self.n_trials = math.floor(self.workers * self.search_seconds / (PRUNED_SHARE * self.trial_seconds))
-        self.final_epochs = plan_final(self, usable - self.search_seconds)
+        self.n_trials = max(1, math.floor(self.workers * self.search_seconds / (PRUNED_SHARE * self.trial_seconds)))
+        self.final_epochs = plan_final(self, self.final_seconds(float(attrs.get("budget.phase.search", 0.0))))
+
+    def final_seconds(self, searched: float) -> float:
+        """The final phase's seconds as best.final will size it: what is left once the search's time
+        still to come has passed, its workers' last runs have ended their records and processes,
+        and the chosen configuration's speed has been measured again."""
+        search_left = max(0.0, self.search_seconds - searched)
+        tail = run_overhead(self.speed) if search_left > 0 else 0.0
+        return self.left - self.margin - search_left - tail - self.speed["seconds"]
+
+    def fits(self) -> bool:
+        """Whether the budget holds the smallest plan: the search's workers started with one 1-epoch
+        trial each, and one epoch of every final run."""
+        return self.search_seconds >= self.speed["startup"] + self.min_trial_seconds and self.final_epochs >= 1
 
     def final_epoch_seconds(self) -> float:
         """Seconds per epoch of all the final runs together, wave after wave."""
@@ -143,7 +164,8 @@ class Plan:
                            f"evaluation images/s" for k, v in s["threads"].items())
         if s["at_once"] > 1:
             speeds += f"; {s['at_once']} 1-thread runs at once: each {s['slowdown']:.2f}x slower"
-        final_seconds = self.final_epochs * self.final_epoch_seconds() + len(self.waves) * RUN_OVERHEAD
+        speeds += f"; a run's process starts in {s['startup']:.1f} s"
+        final_seconds = self.final_epochs * self.final_epoch_seconds() + len(self.waves) * run_overhead(s)
         end = time.strftime("%H:%M", time.localtime(time.time() + self.left))
         return "\n".join([
             f"plan: {len(self.cores)} cores; {self.cfg.model._target_.rsplit('.', 1)[-1]} {speeds}",
@@ -159,7 +181,27 @@ def plan_final(plan: Plan, seconds: float) -> int:
     """The final models' epochs that fit in ``seconds`` (0: none fit)."""
     views = 5 if plan.cfg.trainer.test_shift else 1  # the speed is measured with the mirror's views only
     test = sum(views * plan.speed["n_test"] / plan.speed["threads"][t]["eval"] for _, t in plan.waves)
-    return max(0, math.floor((seconds - len(plan.waves) * RUN_OVERHEAD - test) / plan.final_epoch_seconds()))
+    return max(0, math.floor((seconds - len(plan.waves) * run_overhead(plan.speed) - test) / plan.final_epoch_seconds()))
+
+
+def run_overhead(speed: dict) -> float:
+    """Seconds of a final run beside its epochs and test: its process's measured start-up and its record."""
+    return speed["startup"] + RECORD_OVERHEAD
+
+
+def minimum_budget(cfg, speed: dict, cores: list[int], spent: float) -> float:
+    """The smallest budget (seconds, to 1%) whose plan fits (Plan.fits) on this machine, ``spent``
+    seconds already gone."""
+    def fits(total: float) -> bool:
+        return Plan(total, total - spent, cores, speed, cfg, {}).fits()
+
+    low, high = spent, max(2 * spent, 60.0)
+    while not fits(high):
+        low, high = high, 2 * high
+    while high - low > 0.01 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def _m(seconds: float) -> str:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shlex
 import sys
 import time
@@ -145,7 +146,11 @@ def entry() -> None:
     it, every live object is moved out of the garbage collector's sight (gc.freeze): the
     interpreter's teardown would otherwise run full collections over the many objects torch,
     MLflow and plotly leave, seconds of every exit (bench/orchestration.py measures it).
-    Exit handlers and flushes still run; only cycles left at exit are not collected."""
+    Exit handlers and flushes still run; only cycles left at exit are not collected.
+    SIGTERM and SIGHUP stop it as Ctrl-C does (errors.stop_on_signals)."""
+    from .errors import stop_on_signals
+
+    stop_on_signals()
     code = main()
     import gc
 
@@ -154,7 +159,8 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command in ``argv``; returns the exit code (2: a user's error, 130: Ctrl-C)."""
+    """Run the command in ``argv``; returns the exit code (2: a user's error, 130: Ctrl-C, 128 + N:
+    stopped by signal N, 143 for SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from .workers import pin_to_cores
 
@@ -205,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .errors import stop_signal
+
+        signum = stop_signal(e)
+        why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         print("storage proxy stopped" if opts.get("command") == "storage-proxy" else
-              "interrupted: the MLflow run is marked KILLED; a study resumes with the same command", file=sys.stderr)
-        return 130
+              f"{why}: the MLflow run is marked KILLED; a study resumes with the same command", file=sys.stderr)
+        return 128 + signum
 
 
 def _run_one(cfg, overrides, verbose) -> int:

@@ -11,7 +11,6 @@ import sys
 
 import torch
 
-from .models import fuse_conv_activations
 from .models.fast import cpuinfo_field
 
 CPUINFO = "/proc/cpuinfo"
@@ -94,13 +93,6 @@ def threads_for(setting) -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def cpu_fast_paths(model: torch.nn.Module, compile_mode: str | None) -> None:
-    """A CPU run's model: conv + tanh/ReLU as one oneDNN kernel (same parameters), unless
-    torch.compile (trainer.compile) fuses its own: the two do not compose."""
-    if not compile_mode:
-        fuse_conv_activations(model)
 
 
 def compile_for_training(model: torch.nn.Module, mode: str | None) -> torch.nn.Module | None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import hardware, served, train
 from .config import compose, config_fingerprint, validate
-from .errors import StorageLost, UserError
+from .errors import StorageLost, UserError, stop_name
 from .models import count_params
 from .models.fast import private_ops_allowed
 from .tracking import Tracker, git_commit, resolve_checkpoint
@@ -64,9 +64,9 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
             result.status = "FINISHED"
         tracker.end(run_id, result.status)
         return result
-    except (StorageLost, KeyboardInterrupt) as e:  # not the run's failure: its study re-queues the trial
-        if isinstance(e, StorageLost):
-            tracker.log(run_id, {}, tags={"fmnist.failure": str(e)})
+    except (StorageLost, KeyboardInterrupt) as e:  # not the run's failure: a study re-queues its trial
+        why = str(e) if isinstance(e, StorageLost) else f"interrupted ({stop_name(e)})"
+        tracker.log(run_id, {}, tags={"fmnist.failure": why})
         tracker.end(run_id, "KILLED")
         raise
     except Exception as e:  # the run fails, the process hosting it (a study, a worker) goes on

@@ -19,7 +19,6 @@ from .storage import connection_error, describe, retry_callback
 
 CUT = "the study storage connection was lost; the trial is re-queued"
 DEAD = "its worker stopped (the trial is failed and re-queued)"
-INTERRUPTED = "interrupted (Ctrl-C); re-queued for the next run"
 TAKEN_OVER = ("failed and re-queued by another worker's heartbeat check while it ran here (no heartbeat "
               "reached the storage for storage.grace_period seconds)")
 
@@ -177,15 +176,16 @@ class Recovery:
         by_number = {t.number: t.state for t in self.optuna.get_trials(deepcopy=False)}
         self.tracker.end_orphans(self.optuna.study_name, by_number, DEAD)
 
-    def interrupted(self) -> None:
-        """Ctrl-C: the trial it stopped is re-queued and marked interrupted; the study's run KILLED."""
+    def interrupted(self, why: str = "Ctrl-C") -> None:
+        """Ctrl-C or a stop signal: the trial it stopped is re-queued and marked interrupted; the
+        study's run KILLED."""
         try:
             number = self.current
             trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == number), None)
             if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
                 self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
                 self.retry(self.optuna, trial)
-                self.close_run(number, "FAIL", INTERRUPTED)
+                self.close_run(number, "FAIL", f"interrupted ({why}); re-queued for the next run")
             self.tracker.end(self.parent_run_id, "KILLED")
         except Exception:  # the storage is gone too: the next run's recovery retries the trial
             pass

@@ -17,25 +17,17 @@ from torch import nn
 from .models import fast
 
 # Each fast layer's torch parent: the same parameters and function.
-STOCK_LAYERS = {fast.Dropout: nn.Dropout, fast.Flatten: nn.Flatten, fast.ConvTranspose2d: nn.ConvTranspose2d,
-                fast.RNN: nn.RNN}
-STOCK_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+STOCK_LAYERS = {fast.Dropout: nn.Dropout, fast.ConvTranspose2d: nn.ConvTranspose2d, fast.RNN: nn.RNN}
 PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}"]
 
 
 def stock(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the CPU in eval mode, built of torch's own layers: each fast
-    layer becomes its torch parent and a fused convolution + activation the two layers."""
+    layer becomes its torch parent."""
     model = copy.deepcopy(model).cpu().float().eval()
     for module in list(model.modules()):
         if type(module) in STOCK_LAYERS:
             module.__class__ = STOCK_LAYERS[type(module)]  # a subclass adding no state: same module
-        for name, child in list(module.named_children()):
-            if isinstance(child, fast.Conv2dActivation):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, child.dilation, child.groups, child.bias is not None)
-                conv.load_state_dict(child.state_dict())
-                setattr(module, name, nn.Sequential(conv, STOCK_ACTIVATIONS[child.activation]()))
     return model
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from .config import compose
-from .errors import UserError
+from .errors import UserError, stop_name
 from .objective import Objective, TrialFailed
 from .recovery import Recovery
 from .storage import describe, make_storage, sqlite_path
@@ -134,8 +134,8 @@ class Study:
                 self.optuna.optimize(self.objective, callbacks=callbacks, catch=(TrialFailed,),
                                      timeout=_until(self.cfg.trainer.get("deadline")))
                 break
-            except KeyboardInterrupt:
-                self.recovery.interrupted()
+            except KeyboardInterrupt as e:
+                self.recovery.interrupted(stop_name(e))
                 raise
             except UserError:
                 raise
@@ -155,7 +155,7 @@ class Study:
 
     # --- reading the study ------------------------------------------------------------------------
     def counts(self, trials=None) -> dict[str, int]:
-        """Trials per state; interrupted ones (Ctrl-C, re-queued) apart from failures."""
+        """Trials per state; interrupted ones (Ctrl-C or a stop signal, re-queued) apart from failures."""
         counts = {s.name: 0 for s in TrialState} | {"INTERRUPTED": 0}
         for t in self.optuna.get_trials(deepcopy=False) if trials is None else trials:
             counts["INTERRUPTED" if interrupted(t) else t.state.name] += 1
@@ -216,7 +216,7 @@ class Progress:
 
 
 def interrupted(t) -> bool:
-    """A trial stopped by Ctrl-C (by its number: a retry copies the attribute, not the number)."""
+    """A trial stopped by Ctrl-C or a stop signal (by its number: a retry copies the attribute, not the number)."""
     return t.state == TrialState.FAIL and t.user_attrs.get("fmnist.interrupted") == t.number
 
 

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import data as fmnist
 from .errors import UserError
-from .hardware import compile_for_training, cpu_fast_paths, select_device, select_precision
+from .hardware import compile_for_training, select_device, select_precision
 
 @dataclass
 class RunResult:
@@ -206,8 +206,6 @@ def build(cfg: DictConfig, pretrained: str | None = None) -> Built:
     try:
         model = instantiate(cfg.model, **model_kwargs)
         model.to(device)
-        if device.type == "cpu":
-            cpu_fast_paths(model, cfg.trainer.get("compile"))
         optimizer = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     except Exception as e:  # hydra wraps bad constructor arguments
         raise UserError(f"cannot build the model/optimizer: {str(e).splitlines()[0]}") from None

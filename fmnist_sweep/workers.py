@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
 
-from .errors import UserError
+from .errors import UserError, stop_signal
 
 CORES = "FMNIST_CORES"  # the CPU cores a worker started by launch() runs on
 
@@ -85,9 +84,9 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
         procs.append(p)
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or a stop signal: the same to every worker
         for p in procs:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(stop_signal(e))
         for p in procs:
             p.wait()
         raise

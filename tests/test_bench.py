@@ -50,7 +50,7 @@ def test_throughput_baseline_is_built_from_torch_layers_only():
         assert not [m for m in baseline.modules() if type(m).__module__.startswith(fast.__name__ + ".")], name
     engine, _ = tt.build("cnn", engine=True)
     kinds = {type(m) for m in engine.modules()}
-    assert {fast.Dropout, fast.Flatten} <= kinds
+    assert fast.Dropout in kinds
 
 
 def test_trial_breakdown_quick(workdir, tiny_data):
@@ -167,3 +167,11 @@ def test_recipe_quick(workdir, tiny_data):
     assert "EMA 0.99" in changes and "bn lr x3, no decay: TTA mirror + 1-px shifts" in changes
     assert all(0 <= float(r.split(" | ")[1].split(" ± ")[0]) <= 1 for r in rows[1:])
 
+
+
+def test_fast_paths_quick():
+    out = bench("fast_paths.py", "--models", "cnn,rnn")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn "))}
+    assert set(rows) == {"cnn", "rnn"}
+    assert "dropout " in rows["cnn"]
+    assert "elman_rnn " in rows["rnn"] and rows["rnn"].rstrip().endswith("x")

@@ -131,29 +131,6 @@ def test_models_use_the_fast_dropout():
         assert kinds == {Dropout}, name
 
 
-def test_flatten_hands_back_a_channels_last_gradient():
-    """Same output and gradient values as torch's flatten; the gradient in the channels_last
-    layout of the input (torch's comes back in NCHW order and made the cnn's last max-pool
-    copy its input to that order in every backward pass); other inputs take torch's path."""
-    from fmnist_sweep.models import Flatten
-
-    x = torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
-    y = Flatten()(x)
-    assert torch.equal(y, torch.flatten(x.detach(), 1))
-    g = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, x, g)
-    assert gx.is_contiguous(memory_format=torch.channels_last) and torch.equal(gx, g.view(4, 8, 3, 3))
-    plain = torch.randn(4, 8, 3, 3, requires_grad=True)
-    (gp,) = torch.autograd.grad(Flatten()(plain), plain, g)
-    assert gp.is_contiguous() and torch.equal(gp, g.view(4, 8, 3, 3))
-    # in the cnn trained channels_last, the gradient reaching its last block is channels_last too
-    model = instantiate(compose(["model=cnn"]).model).to(memory_format=torch.channels_last)
-    seen = []
-    model.features[-1].register_full_backward_hook(lambda m, gin, gout: seen.append(gout[0]))
-    model(torch.rand(4, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.arange(4))[1].backward()
-    assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
-
-
 @pytest.mark.parametrize("cin,cout,k,bias,channels_last", [(32, 16, 2, True, True), (16, 1, 2, True, False),
                                                            (8, 4, 3, False, True)])
 def test_fast_transposed_convolution_matches_torch(cin, cout, k, bias, channels_last):
@@ -195,47 +172,6 @@ def test_autoencoder_pools_before_relu_with_the_same_function():
 
     for ours, theirs in zip(output_and_gradient(net), output_and_gradient(published)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_conv_activation_fusion_keeps_parameters_outputs_and_gradients(activation, precision):
-    """fuse_conv_activations: the cnn's conv -> tanh/ReLU pairs become one oneDNN kernel
-    with the same parameters (objects and state_dict keys), outputs and gradients as
-    the unfused model; GELU (no gradient from the output alone) is left as it is."""
-    import copy
-
-    from fmnist_sweep.models import Conv2dActivation, fuse_conv_activations
-
-    torch.manual_seed(0)
-    model = instantiate(compose(["model=cnn", f"model.activation={activation}"]).model)
-    model.to(memory_format=torch.channels_last)
-    fused = copy.deepcopy(model)
-    params = list(fused.parameters())
-    n = fuse_conv_activations(fused)
-    assert n == (0 if activation == "gelu" else 6)
-    assert sum(isinstance(m, Conv2dActivation) for m in fused.modules()) == n
-    assert list(fused.parameters()) == params and fused.state_dict().keys() == model.state_dict().keys()
-    x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.arange(8) % 10
-    tol = dict(rtol=1e-4, atol=1e-4) if precision == "fp32" else dict(rtol=0.05, atol=0.05)
-    grads = []
-    for m in (model, fused):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits, loss = m.eval()(x, y)
-        loss.backward()
-        grads.append((logits.float(), [p.grad.float() for p in m.parameters()]))
-    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
-    for a, b in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(b, a, **tol)
-    # an optimizer built before the fusion still trains the fused layers
-    model2 = instantiate(compose(["model=cnn"]).model)
-    opt = torch.optim.SGD(model2.parameters(), lr=0.1)
-    fuse_conv_activations(model2)
-    before = model2.features[0].weight.detach().clone()
-    model2(x, y)[1].backward()
-    opt.step()
-    assert isinstance(model2.features[0], Conv2dActivation) and not torch.equal(model2.features[0].weight, before)
 
 
 @pytest.mark.parametrize("backend", ["blas", "onednn"])

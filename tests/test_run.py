@@ -87,7 +87,7 @@ def test_weight_ema_is_the_model_that_is_evaluated_and_saved(tiny_overrides, wor
     model = instantiate(cfg.model)
     model.load_state_dict(weights[0])
     split = fmnist.load(cfg.data).val
-    val = evaluate(model, split, 1000, nullcontext, False)  # (unfused convolutions: a near tie may differ)
+    val = evaluate(model, split, 1000, nullcontext, False)
     assert val["accuracy"] == pytest.approx(ema.data.metrics["val/accuracy"], abs=1.5 / len(split))
     assert main([*over, "trainer.ema=1.5"]) == 2
     assert "trainer.ema" in capsys.readouterr().err
@@ -261,17 +261,16 @@ print(libc.mallinfo2().hblkhd - before)
 @pytest.mark.parametrize("release,on", [(None, True), ("2.99.0+cpu", False)])
 def test_cpu_fast_paths_run_on_tested_torch_releases_and_fall_back_elsewhere(release, on, tiny_overrides,
                                                                             workdir, monkeypatch):
-    """On the torch release CI tests, the private-operator layers (fused convolution, the
-    SimpleRNN's recurrence) train; on any other release a whole run takes torch's own
+    """On the torch release CI tests, the private-operator layer (the SimpleRNN's recurrence)
+    trains; on any other release a whole run takes torch's own
     layers (the recurrence is never entered) and still finishes; the run's record says which."""
     from fmnist_sweep.models import fast
-    from fmnist_sweep.models.cnn import CNN
     from fmnist_sweep.models.fast import elman
 
     if release is not None:
         monkeypatch.setattr(fast, "TORCH_VERSION", release)
         monkeypatch.setattr(elman._Elman, "apply", lambda *a: pytest.fail("fast recurrence on an untested torch"))
-    assert (fast.fuse_conv_activations(CNN()) > 0) == (on and torch.backends.mkldnn.is_available())
+    assert fast.private_ops_allowed() == on
     for model in ("cnn", "rnn"):
         result = run(compose([*tiny_overrides, f"model={model}"]))
         assert result.status == "FINISHED" and 0 <= result.metrics["val/accuracy"] <= 1

@@ -334,6 +334,41 @@ def test_ctrl_c_is_one_line_and_the_resumed_study_counts_it_interrupted(tiny_ove
     assert [t for t in ts if t.state == TrialState.COMPLETE and t.params == stopped.params]
 
 
+def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(tiny_overrides, workdir, tmp_path):
+    """SIGTERM (a scheduler's stop) to `workers -n 2` mid-trial: it passes the signal on, prints
+    one line and exits 143; each stopped trial is re-queued with its parameters, counted as
+    interrupted, not failed, and no MLflow run stays RUNNING. One worker then finishes the budget."""
+    sweep = lr_sweep(tmp_path, 3)
+    line = [f"sweep={sweep}", *tiny_overrides, "trainer.epochs=6"]
+    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
+    proc = _start_and_stop_mid_trial([sys.executable, "-m", "fmnist_sweep", "workers", "-n", "2", *line], workdir,
+                                     env, signal.SIGTERM)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.returncode == 143, out + err
+    assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
+                                "command"], err
+    assert "Traceback" not in out
+    ts = trials(workdir, "mine")
+    stopped = [t for t in ts if t.state == TrialState.FAIL]
+    assert stopped and all(t.user_attrs.get("fmnist.interrupted") == t.number for t in stopped)
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    waiting = [t.params for t in ts if t.state == TrialState.WAITING]
+    assert all(t.params in waiting for t in stopped)  # re-queued with the same parameters
+    _, runs = mlflow_runs(workdir, "mine")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for t in stopped:
+        (run,) = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(t.number)]
+        assert run.info.status == "KILLED" and "interrupted (SIGTERM)" in run.data.tags["fmnist.failure"]
+
+    done = subprocess.run([sys.executable, "-m", "fmnist_sweep", *line], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"0 failed, {len(stopped)} interrupted" in done.stdout
+    ts = trials(workdir, "mine")
+    assert len([t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) >= 3
+    assert not [r for r in mlflow_runs(workdir, "mine")[1] if r.info.status == "RUNNING"]
+
+
 def test_read_only_commands_leave_the_record_as_it_was(tiny_overrides, workdir, tmp_path, capsys):
     """status, report and compare on a finished study: every run's status and the study's
     trials stay as they were (the parent run stays FINISHED)."""

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # The models' layers with CPU fast paths (re-exported: models import them from here).
-from .fast import RNN, Conv2dActivation, ConvTranspose2d, Dropout, Flatten, fuse_conv_activations  # noqa: F401
+from .fast import RNN, ConvTranspose2d, Dropout  # noqa: F401
 
 # Fashion-MNIST training-set pixel statistics (of images scaled to [0, 1]).
 MEAN, STD = 0.2860, 0.3530

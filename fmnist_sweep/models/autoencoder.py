@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import ConvTranspose2d, Dropout, Flatten
+from . import ConvTranspose2d, Dropout
 
 
 class Encoder(nn.Module):
@@ -18,7 +18,7 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), Dropout(dropout),
             nn.Conv2d(c1, c2, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), Dropout(dropout),
-            Flatten(), nn.Linear(c2 * 7 * 7, latent_dim))
+            nn.Flatten(), nn.Linear(c2 * 7 * 7, latent_dim))
 
     def forward(self, x):
         return self.net(x)

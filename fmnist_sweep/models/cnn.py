@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import Classifier, Dropout, Flatten
+from . import Classifier, Dropout
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -30,7 +30,7 @@ class CNN(Classifier):
             c, size = w, size // 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            Flatten(), nn.Linear(c * size * size, dense), nn.ReLU(), nn.BatchNorm1d(dense),
+            nn.Flatten(), nn.Linear(c * size * size, dense), nn.ReLU(), nn.BatchNorm1d(dense),
             Dropout(dense_dropout), nn.Linear(dense, num_classes))
 
     def logits(self, x):

@@ -1,17 +1,16 @@
 """Faster CPU paths for layers the models use: the same function and gradient as
 torch's layer, computed with fewer passes over memory. Each falls back to torch's own
 layer wherever its fast path does not apply (other devices, other settings). By risk:
-layers.py builds on torch's public operators; fused_conv.py calls oneDNN's private fused
-convolution and elman.py aten's private backward operators, both only on the torch
-releases this package is tested with (private_ops_allowed). docs/PERFORMANCE.md has what
-each one gains on each CPU class."""
+layers.py builds on torch's public operators; elman.py calls oneDNN's fused linear and
+aten's private backward operators, only on the torch releases this package is tested with
+(private_ops_allowed). docs/PERFORMANCE.md has what each one gains on each CPU class."""
 
 import functools
 
 import torch
 
-# The torch releases whose private oneDNN and aten operators (the fused convolution, the
-# SimpleRNN's recurrence) this module is tested with; CI installs the first. On any other
+# The torch releases whose private oneDNN and aten operators (the SimpleRNN's recurrence)
+# this module is tested with; CI installs the first. On any other
 # release those layers take torch's own path, so a changed operator cannot fail a run.
 TESTED_TORCH = ("2.13",)
 TORCH_VERSION = torch.__version__  # read by private_ops_allowed(); tests set another release here
@@ -45,5 +44,4 @@ def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 from .elman import RNN  # noqa: E402,F401  (after the gate, which they import)
-from .fused_conv import Conv2dActivation, fuse_conv_activations  # noqa: E402,F401
-from .layers import ConvTranspose2d, Dropout, Flatten  # noqa: E402,F401
+from .layers import ConvTranspose2d, Dropout  # noqa: E402,F401

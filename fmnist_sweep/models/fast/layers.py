@@ -1,6 +1,5 @@
-"""Layers on torch's public operators: dropout with a cheaper mask, a flatten that keeps its
-gradient's channels_last layout, and a kernel-equals-stride transposed convolution as one
-matrix product."""
+"""Layers on torch's public operators: dropout with a cheaper mask and a kernel-equals-stride
+transposed convolution as one matrix product."""
 
 import torch
 from torch import nn
@@ -26,31 +25,6 @@ class Dropout(nn.Dropout):
         keep = bits >= round(self.p * 65536) - 32768  # P = 1 - p
         # bool -> float is torch's scalar cast; uint8 -> float is vectorised.
         return x * keep.view(torch.uint8).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-
-
-class _FlattenKeepingLayout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.shape = x.shape
-        return torch.flatten(x, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last)
-
-
-class Flatten(nn.Flatten):
-    """nn.Flatten whose gradient comes back in the channels_last layout its input had.
-    torch's flatten hands back a gradient in NCHW order; the max-pool and dropout before
-    it then copied their channels_last inputs to that order (and back) in every backward
-    pass. Same output (NCHW order) and gradient values."""
-
-    def forward(self, x):
-        # (a tensor that is contiguous both ways, one channel or one pixel, needs nothing)
-        if not (x.requires_grad and x.dim() == 4 and self.start_dim == 1 and self.end_dim == -1
-                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
-            return super().forward(x)
-        return _FlattenKeepingLayout.apply(x)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
