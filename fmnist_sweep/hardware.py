@@ -85,14 +85,30 @@ def keep_freed_memory(keep: bool = True) -> bool:
     return bool(mallopt(m_mmap_threshold, mmap)) and bool(mallopt(m_trim_threshold, trim))
 
 
+CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: a container's CPU limit (Kubernetes, docker --cpus)
+
+
+def cpu_limit(path: str = CPU_MAX) -> int | None:
+    """Whole cores a container's CPU limit allows (its quota over its period, at least 1);
+    None without a limit."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
 def threads_for(setting) -> int:
-    """Threads for this process: the cores it may run on, unless set."""
+    """Threads for this process: the cores it may run on, within its container's CPU limit
+    (more threads than the limit's cores are throttled, not run), unless set."""
     if setting != "auto":
         return int(setting)
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return min(cores, cpu_limit(CPU_MAX) or cores)
 
 
 def compile_for_training(model: torch.nn.Module, mode: str | None) -> torch.nn.Module | None:

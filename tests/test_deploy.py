@@ -1,6 +1,7 @@
 """docker-compose.yml, the Dockerfile and the SLURM script: parsed and checked here
 (no Docker engine or SLURM runs on this machine; their configs can still be read)."""
 
+import os
 import re
 import shlex
 import shutil
@@ -118,3 +119,78 @@ def test_worker_layout_splits_cores_and_gpus():
 
     with pytest.raises(UserError, match="need 3 GPUs at 1 per GPU; this machine has 2"):
         layout(3, 1, 2, [0, 1])
+
+
+def test_slurm_and_compose_stop_workers_with_sigterm_ahead_of_sigkill():
+    text = (ROOT / "slurm" / "workers.sbatch").read_text()
+    assert re.search(r"^#SBATCH --signal=TERM@\d+", text, re.M) and "#SBATCH --requeue" in text
+    assert 'if [ "$code" -eq 143 ]; then' in text and "scontrol requeue" in text
+    for name in ("worker", "worker-gpu"):
+        assert COMPOSE["services"][name]["stop_grace_period"] == "60s"
+
+
+K8S = ROOT / "deploy" / "k8s"
+
+
+def _kustomize(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl here to render deploy/k8s (kustomize)")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_kubernetes_manifests_render_validate_and_run_the_distributed_command(overlay, monkeypatch, capsys):
+    """deploy/k8s renders (kustomize), every resource validates strictly against the newest
+    Kubernetes schemas kubernetes-validate has, and the workers' Job runs our CLI's
+    distributed command under a failure policy that does not count preemptions or SIGTERM."""
+    import kubernetes_validate
+
+    from fmnist_sweep.cli import main
+
+    docs = _kustomize(overlay)
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("StatefulSet", "postgres"), ("Service", "postgres"), ("Deployment", "mlflow"), ("Service", "mlflow"),
+            ("Job", "fmnist-workers")} <= kinds
+    for d in docs:
+        if d["kind"] in ("StatefulSet", "Deployment", "Job"):
+            pod = d["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, d["metadata"]["name"]
+            assert all(c["resources"]["requests"] for c in pod["containers"] + pod.get("initContainers", []))
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 30
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [143] for r in rules)
+    (worker,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert "PGPASSWORD" in env and env["PGPASSWORD"] is None  # from the Secret, never inline
+    args = worker["args"]
+    if overlay == "gpu":
+        assert args[:3] == ["workers", "--per-gpu", "1"] and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+        args = args[3:]
+    for key in ("FMNIST_STORAGE_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, env[key])
+    assert main(["--cfg", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "url: postgresql://fmnist@postgres:5432/fmnist" in printed and "uri: http://mlflow:5000" in printed
+
+
+def test_threads_auto_stay_within_a_containers_cpu_limit(tmp_path, monkeypatch):
+    """A pod's CPU limit (cgroup v2 cpu.max) caps trainer.threads=auto: workers x threads = cores."""
+    from fmnist_sweep import hardware
+
+    cores = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(hardware, "CPU_MAX", str(limit))
+    for text, threads in (("100000 100000\n", 1), ("150000 100000\n", 1), ("max 100000\n", cores),
+                          (f"{400000 * cores} 100000\n", cores)):
+        limit.write_text(text)
+        assert hardware.threads_for("auto") == threads, text
+    limit.unlink()
+    assert hardware.threads_for("auto") == cores and hardware.threads_for("3") == 3
