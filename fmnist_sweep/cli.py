@@ -41,6 +41,7 @@ examples:
   python -m fmnist_sweep model=bilstm optimizer=adam optimizer.lr=0.01 trainer.epochs=3
   python -m fmnist_sweep +experiment=quickstart
   python -m fmnist_sweep +experiment=quickstart --more 5
+  python -m fmnist_sweep -m optimizer.lr=1e-3,1e-2 model=cnn,rnn
   python -m fmnist_sweep +experiment=best budget.hours=2
   python -m fmnist_sweep status quickstart
   python -m fmnist_sweep finalize quickstart --top-k 3 --seeds 3 trainer.epochs=15
@@ -60,6 +61,8 @@ options:
   --per-gpu K  workers: how many share one GPU (default 1)
   --host H     storage-proxy: the address to listen on (default 127.0.0.1; 0.0.0.0: all)
   --port P     storage-proxy: the port (default 13000; workers: storage.proxy.port=P)
+  -m           Hydra's multirun: a study of the sweeping overrides (a,b lists and ranges:
+               the grid; interval(): TPE, hydra.sweeper.n_trials=N), resumed by the same command
   --cfg        print the composed configuration and exit
   --verbose    show full tracebacks on errors (also HYDRA_FULL_ERROR=1)
   -h, --help   this text
@@ -94,7 +97,7 @@ def _parse(argv: list[str]):
     """(options, Hydra overrides) from the command line; a bad option is a UserError."""
     from .errors import UserError
 
-    opts = {"verbose": False, "cfg": False, "fork": False, "more": None, "top_k": 3, "seeds": 3,
+    opts = {"verbose": False, "cfg": False, "fork": False, "multirun": False, "more": None, "top_k": 3, "seeds": 3,
             "n": None, "per_gpu": 1, "command": None, "study": None, "names": [], "out": None,
             "host": "127.0.0.1", "port": 13000}
     rest, i = [], 0
@@ -121,6 +124,8 @@ def _parse(argv: list[str]):
         a = argv[i]
         if a in ("--verbose", "--cfg", "--fork"):
             opts[a[2:]] = True
+        elif a in ("-m", "--multirun"):
+            opts["multirun"] = True
         elif a == "--host":
             if opts["command"] != "storage-proxy" or i + 1 >= len(argv):
                 raise UserError("--host H goes with storage-proxy: python -m fmnist_sweep storage-proxy --host 0.0.0.0")
@@ -138,6 +143,10 @@ def _parse(argv: list[str]):
         else:
             rest.append(a)
         i += 1
+    if opts["multirun"]:
+        from .hydra_sweeper import multirun
+
+        rest = multirun(rest)
     return opts, rest
 
 
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
-    from .errors import UserError
+    from .errors import UserError, stop_name, stop_signal
 
     opts = {}
     try:
@@ -212,10 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from .errors import stop_signal
-
         signum = stop_signal(e)
-        why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        why = "interrupted" if signum == signal.SIGINT else f"stopped by {stop_name(e)}"
         print("storage proxy stopped" if opts.get("command") == "storage-proxy" else
               f"{why}: the MLflow run is marked KILLED; a study resumes with the same command", file=sys.stderr)
         return 128 + signum

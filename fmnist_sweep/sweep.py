@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from .config import resource_dir
 from .errors import UserError
+from .hydra_sweeper import is_plugin_file, translate
 from .space import SearchSpace
 
 # Metrics a trial can be judged on: per epoch (pruning reads these) and at the end.
@@ -65,6 +66,8 @@ def load_sweep(name: str) -> Sweep:
         raise UserError(f"unknown sweep '{name}'. Choose one of: {', '.join(sweep_names())}."
                         + (f" Did you mean {close[0]}?" if close else ""))
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if is_plugin_file(spec):
+        spec = translate(spec, path, FINAL_METRICS, _config_keys)
     known = {"objective", "direction", "objectives", "n_trials", "sampler", "pruner", "params", "enqueue",
              "max_failures"}
     unknown = set(spec) - known
@@ -92,6 +95,16 @@ def load_sweep(name: str) -> Sweep:
     return Sweep(name, objectives, n_trials, space,
                  spec.get("sampler") or {"name": "tpe"}, spec.get("pruner") or {"name": "none"},
                  spec.get("enqueue") or [], spec.get("max_failures"))
+
+
+def _config_keys() -> set[str]:
+    """Every key a trial's config can have: the config groups, and each model's keys."""
+    from .config import compose, flat_keys, group_options
+
+    keys = {p.name for p in resource_dir("conf").iterdir() if p.is_dir()}
+    for model in group_options("model"):
+        keys |= set(flat_keys(compose([f"model={model}"])))
+    return keys
 
 
 def _build(spec: dict, table: dict, kind: str, **extra):

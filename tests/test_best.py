@@ -20,8 +20,9 @@ MINIMUM = re.compile(r"error: budget 0m03s is below the smallest plan on this ma
 
 def _command(tiny_overrides, minutes: float):
     line = [o for o in tiny_overrides if not o.startswith("trainer.epochs=")]
-    return [sys.executable, "-m", "fmnist_sweep", "+experiment=best", f"budget.minutes={minutes:g}", *line,
-            "trainer.epochs=3"]
+    # A search share that leaves both the interrupted and the resumed session some search time.
+    return [sys.executable, "-m", "fmnist_sweep", "+experiment=best", f"budget.minutes={minutes:g}",
+            "budget.search_share=0.4", *line, "trainer.epochs=3"]
 
 
 def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
@@ -40,12 +41,8 @@ def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
     return time.time() - t0, "".join(seen) + rest
 
 
-def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_the_deadline_and_resumes(
-        tiny_overrides, workdir):
-    """A budget below this machine's smallest plan: one line naming the minimum, exit 2, no study.
-    Twice that minimum, Ctrl-C'd after its first trial and run again: three final seeds, a
-    registered model, both sessions within the budget by the clock the study keeps."""
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
+def _minimum_minutes(tiny_overrides, workdir, env) -> float:
+    """A 3-second budget: one line naming this machine's minimum, exit 2, no study; that minimum."""
     tiny = subprocess.run(_command(tiny_overrides, 0.05), cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=300)
     assert tiny.returncode == 2, tiny.stdout + tiny.stderr
@@ -53,8 +50,16 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     minimum = MINIMUM.fullmatch(line)
     assert minimum, line
     assert not (workdir / "studies.db").exists() or "best" not in optuna.get_all_study_names(storage(workdir))
+    return float(minimum.group(1))
 
-    budget_s = 2 * 60 * float(minimum.group(1))
+
+def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_the_deadline_and_resumes(
+        tiny_overrides, workdir):
+    """A budget below this machine's smallest plan: one line naming the minimum, exit 2, no study.
+    Twice that minimum, Ctrl-C'd after its first trial and run again: three final seeds, a
+    registered model, both sessions within the budget by the clock the study keeps."""
+    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
+    budget_s = 2 * 60 * _minimum_minutes(tiny_overrides, workdir, env)
     args = _command(tiny_overrides, budget_s / 60)
     first_s, first = _interrupt_after_first_trial(args, workdir, env)
     assert "plan: 2 cores" in first or "plan: 1 cores" in first
