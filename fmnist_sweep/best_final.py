@@ -32,7 +32,7 @@ def _final_seed(job: dict) -> dict:
     """One final run, in a process of its own pinned to its cores (a spawned pool worker)."""
     os.sched_setaffinity(0, job["cores"])
     os.environ["FMNIST_DEADLINE"] = f"{job['deadline']:.0f}"
-    from . import record
+    from . import checkpoints, record
     from .config import compose
     from .errors import stop_on_signals
     from .tracking import Tracker
@@ -44,7 +44,8 @@ def _final_seed(job: dict) -> dict:
     tracker = Tracker(cfg.tracking.uri, job["study"], cfg.tracking.artifact_root)
     t0 = time.perf_counter()
     r = record.run(cfg, line, parent_run_id=job["parent"], tracker=tracker, name=f"final seed {job['seed']}",
-                  tags={"fmnist.role": "final", "optuna.study": job["study"], "fmnist.final_of_trial": job["trial"]})
+                  tags={"fmnist.role": "final", "optuna.study": job["study"], "fmnist.final_of_trial": job["trial"]},
+                  checkpoint=cfg.study.checkpoints, resume=checkpoints.final_run(tracker, job["study"], cfg))
     return {"seed": job["seed"], "status": r.status, "run_id": r.run_id, "model_id": r.model_id,
             "test": r.metrics.get("test/accuracy") if r.status == "FINISHED" else None,
             "message": r.message, "seconds": time.perf_counter() - t0}

@@ -138,6 +138,7 @@ RULES = {
     "trainer.compile": (lambda v: v in (None, "default", "reduce-overhead", "max-autotune"),
                         "null, default, reduce-overhead or max-autotune"),
     "trainer.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "study.checkpoints": (lambda v: v in ("delete", "keep", "off"), "delete, keep or off"),
     "tracking.log_models": (lambda v: v in ("best", "all"), "best or all"),
     "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                        "auto, cpu, cuda or cuda:N"),

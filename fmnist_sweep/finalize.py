@@ -10,7 +10,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from . import record
+from . import checkpoints, record
 from .config import compose
 from .errors import UserError
 from .served import using_tracking_uri
@@ -46,7 +46,8 @@ def finalize(study: Study, k: int, seeds: int, extra: list[str]) -> str:
             r = record.run(cfg, line + [f"seed={seed}"], parent_run_id=study.parent_run_id, tracker=study.tracker,
                           name=f"final trial {t.number} seed {seed}",
                           tags={"fmnist.role": "final", "optuna.study": study.name,
-                                "fmnist.final_of_trial": t.number})
+                                "fmnist.final_of_trial": t.number}, checkpoint=cfg.study.checkpoints,
+                          resume=checkpoints.final_run(study.tracker, study.name, cfg))
             if r.status != "FINISHED":
                 raise UserError(f"final retraining of trial {t.number} (seed {seed}) failed: {r.message}")
             results.append(r)

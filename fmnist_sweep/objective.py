@@ -13,7 +13,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from . import hardware, record
+from . import checkpoints, hardware, record
 from .config import compose, config_fingerprint, flat_keys
 from .errors import StorageLost
 from .recovery import Recovery
@@ -74,7 +74,8 @@ class Objective:
         if twin is not None:
             return self._reuse(trial, twin, line, tags)
         result = record.run(cfg, line, report=self._reporter(trial), parent_run_id=self.parent_run_id, tags=tags,
-                            tracker=self.tracker, name=f"trial {trial.number}", log_model=self._log_model())
+                            tracker=self.tracker, name=f"trial {trial.number}", log_model=self._log_model(),
+                            checkpoint=self.cfg.study.get("checkpoints", "off"), resume=self._resumable(trial, fp))
         self.recovery.opened(trial.number, result.run_id)
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if result.status == "KILLED":
@@ -98,6 +99,21 @@ class Objective:
             except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
                 raise self.recovery.lost(trial.number, e) from e  # record.run then ends its run KILLED
         return report
+
+    def _resumable(self, trial: optuna.Trial, fingerprint: str) -> tuple[str, dict] | None:
+        """A retried trial's way back: its predecessors' newest checkpoint of the same
+        configuration (checkpoints.py), whose epochs are reported to this trial as they were."""
+        if self.cfg.study.get("checkpoints", "off") == "off":
+            return None
+        frozen = next(t for t in self.optuna.get_trials(deepcopy=False) if t.number == trial.number)
+        numbers = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        found = checkpoints.latest(self.tracker, checkpoints.of_trials(self.optuna.study_name, numbers),
+                                   fingerprint) if numbers else None
+        metric = self.sweep.objectives[0][0]
+        for h in found[1]["history"] if found is not None and len(self.sweep.objectives) == 1 else []:
+            if metric in h:
+                trial.report(h[metric], h["epoch"])
+        return found
 
     def _log_model(self):
         """Whether a finished trial logs its MLflow Model: all, or (tracking.log_models=best) one

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import hardware, served, train
+from . import checkpoints, hardware, served, train
 from .config import compose, config_fingerprint, validate
 from .errors import StorageLost, UserError, stop_name
 from .models import count_params
@@ -35,13 +35,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
         tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None,
-        log_model=True) -> RunResult:
+        log_model=True, checkpoint: str = "off", resume: tuple[str, dict] | None = None) -> RunResult:
     """Train ``cfg`` and record it as one MLflow run: build, fit, record.
 
     ``report(epoch, metrics) -> bool`` is called after every epoch; True stops the run as
     pruned (status KILLED). A study passes its own ``tracker`` (its experiment) and parent run.
     ``log_model``: whether a finished run logs its MLflow Model, or a function of the
-    RunResult (its final metrics) that says so."""
+    RunResult (its final metrics) that says so. ``checkpoint`` (study.checkpoints): each epoch
+    saved for a retry (delete: removed once the run ends, keep, off); ``resume``: (a stopped
+    run's id, its checkpoint) to go on from, its epochs' metrics copied into this run."""
     validate(cfg)
     t_start = time.perf_counter()
     hardware.prepare(cfg.trainer.threads)
@@ -50,18 +52,27 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     b = train.build(cfg, pretrained(cfg, overrides, tracker, parent_run_id))
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     params["model.n_params"] = count_params(b.model)
+    if resume is not None:
+        tags = {**(tags or {}), "fmnist.resumed_from_run": resume[0], "fmnist.resumed_at_epoch": resume[1]["epoch"]}
     run_id = tracker.start(name or shlex.join(overrides) or "default", params, _run_tags(b, overrides, tags),
                            parent_run_id)
     tracker.log_datasets(run_id, _inputs(b), b.data.source)
+    for h in resume[1]["history"] if resume is not None else []:
+        tracker.log(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
     result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
+    save = (lambda state: checkpoints.save(tracker, run_id, state)) if checkpoint != "off" else None
     try:
-        train.fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report)
+        train.fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report, save,
+                  resume[1] if resume is not None else None)
         if result.status == "KILLED":
             tracker.log(run_id, {}, tags={"fmnist.pruned": "true", "fmnist.stopped": result.message})
         else:
             _record_final(b, tracker, result, {"perf/train_seconds": time.perf_counter() - t_start,
                                                "model/n_params": params["model.n_params"]}, log_model)
             result.status = "FINISHED"
+        if checkpoint == "delete":  # the run ended: no retry will resume it
+            for finished in (run_id, *([resume[0]] if resume is not None else [])):
+                checkpoints.delete(tracker, finished)
         tracker.end(run_id, result.status)
         return result
     except (StorageLost, KeyboardInterrupt) as e:  # not the run's failure: a study re-queues its trial

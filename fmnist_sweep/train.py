@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from . import checkpoints
 from . import data as fmnist
 from .errors import UserError
 from .hardware import compile_for_training, select_device, select_precision
@@ -220,8 +221,9 @@ def build(cfg: DictConfig, pretrained: str | None = None) -> Built:
     return Built(cfg, device, data, model, optimizer, select_precision(cfg.trainer.precision, device, model),
                  channels_last, monitor, maximize, ema, compile_for_training(model, cfg.trainer.get("compile")))
 
-def fit(b: Built, result: RunResult, log, report=None) -> None:
-    """The epoch loop: train, evaluate, log(epoch, metrics), report (True: prune), early stop.
+def fit(b: Built, result: RunResult, log, report=None, save=None, resume: dict | None = None) -> None:
+    """The epoch loop: train, evaluate, log(epoch, metrics), save(checkpoint) (checkpoints.py),
+    report (True: prune), early stop. ``resume``: a checkpoint to go on from, at its next epoch.
     Fills ``result`` (history, best; status KILLED when pruned); the best epoch's weights
     are loaded back when early stopping is on. No epoch starts past ``trainer.deadline`` minus
     the last epoch's duration: the run ends KILLED, cut short. With ``trainer.ema`` the moving
@@ -231,10 +233,10 @@ def fit(b: Built, result: RunResult, log, report=None) -> None:
     n_batches = math.ceil(len(b.data.train) / tcfg.batch_size)
     scheduler = make_scheduler(tcfg.lr_schedule, b.optimizer, tcfg.epochs * n_batches)
     augment = augment_args(tcfg)
-    best_state, stale = None, 0
+    first, stale, best_state = checkpoints.restore(b, resume, generator, scheduler, result) if resume else (1, 0, None)
     deadline, last = (float(tcfg.deadline) if tcfg.get("deadline") else None), 0.0
     with _progress(tcfg.progress) as bar:
-        for epoch in range(1, tcfg.epochs + 1):
+        for epoch in range(first, tcfg.epochs + 1):
             if deadline is not None and time.time() + last > deadline:  # this epoch would end past it
                 result.status, result.message = "KILLED", f"cut short at the deadline after epoch {epoch - 1}"
                 return
@@ -252,6 +254,8 @@ def fit(b: Built, result: RunResult, log, report=None) -> None:
                     best_state = copy.deepcopy(b.evaluated.state_dict())
             else:
                 stale += 1
+            if save is not None:
+                save(checkpoints.state(b, epoch, generator, scheduler, result, stale, best_state))
             # The last epoch is paid for: its value is reported, its result kept.
             if report is not None and report(epoch, metrics) and epoch < tcfg.epochs:
                 result.status, result.message = "KILLED", f"pruned after epoch {epoch}"
