@@ -13,13 +13,14 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from . import checkpoints, hardware, record
+from . import checkpoints, cores, hardware, record
 from .config import compose, config_fingerprint, flat_keys
 from .errors import StorageLost
 from .recovery import Recovery
 from .storage import connection_errors
 from .sweep import Sweep
 from .tracking import Tracker
+from .workers import CORES
 
 
 class TrialFailed(Exception):
@@ -38,13 +39,18 @@ class Objective:
         self.host = socket.gethostname()
         self.device = hardware.device_label(cfg.trainer.device)
         self._keys_cache: dict[tuple[str, ...], frozenset[str]] = {}
+        # A worker started by hand shares the machine's cores with the others (cores.py).
+        self.cores = cores.for_worker(cfg, pinned=bool(os.environ.get(CORES)))
 
     def __call__(self, trial: optuna.Trial):
         """One trial: its values; a lost storage connection or a trial taken over by another
         worker is not the trial's failure (StorageLost: the worker re-queues it)."""
         self.recovery.started(trial.number)
         try:
-            return self._trial(trial)
+            with self.cores.trial() if self.cores is not None else contextlib.nullcontext() as got:
+                if got:
+                    trial.set_user_attr("cores", len(got))
+                return self._trial(trial)
         except StorageLost:
             raise
         except KeyboardInterrupt:
