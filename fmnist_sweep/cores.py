@@ -87,6 +87,9 @@ class CoreShare:
             os.sched_setaffinity(0, self.cores)
 
 
+_SHARE: list[CoreShare] = []  # this process's one place among the workers (studies run one after another)
+
+
 def for_worker(cfg, pinned: bool) -> CoreShare | None:
     """A hand-started CPU worker with trainer.threads=auto shares the machine's cores; it says
     so in one line when other workers are there. None for the others."""
@@ -96,7 +99,10 @@ def for_worker(cfg, pinned: bool) -> CoreShare | None:
 
     if cfg.trainer.device == "auto" and torch.cuda.is_available():
         return None
+    if _SHARE:
+        return _SHARE[0]
     share = CoreShare(sorted(os.sched_getaffinity(0)))
+    _SHARE.append(share)
     if (others := share.others()):
         print(f"{others} other worker{'s' if others > 1 else ''} on this machine: this one takes "
               f"{share.share()} of its {len(share.cores)} cores per trial (waiting when none is free)", flush=True)
