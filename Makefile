@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# One 1-thread worker per core (workers x threads = cores): small convolutions scale poorly across threads.
 run: setup
-	$(BIN)/python -m fmnist_sweep +experiment=quickstart
+	$(BIN)/python -m fmnist_sweep workers +experiment=quickstart
 
 # Two test processes: most of the suite waits on subprocesses and servers, not on a core.
 test: setup

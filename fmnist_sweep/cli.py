@@ -250,8 +250,7 @@ def _run_one(cfg, overrides, verbose) -> int:
 def _run_study(cfg, overrides, more, fork) -> int:
     """A study's trials in this process, then its report and the best trial's re-run command."""
     from . import study_report
-    from .study import Study, states
-    from .tracking import local_uri
+    from .study import Study
 
     t0 = time.perf_counter()
     study = Study(cfg, overrides, fork=fork)
@@ -269,16 +268,25 @@ def _run_study(cfg, overrides, more, fork) -> int:
                       + shlex.join(["python", "-m", "fmnist_sweep", "report", study.name, *_where(overrides)]),
                       file=sys.stderr)
         raise
-    if publish:
+    if publish:  # (under `workers`, the launcher says how the study ended)
         study.reconnecting(lambda: study_report.publish(study))
+        study_outcome(study, t0)
+    return 0
+
+
+def study_outcome(study, t0: float, more: str = "") -> None:
+    """A finished study's last lines: its counts and time, the best trial's re-run command, where
+    MLflow keeps it."""
+    from .study import states
+    from .tracking import local_uri
+
     c, best = study.summary()
-    print(f"\nstudy {study.name}: {states(c)} in {time.perf_counter() - t0:.0f} s")
+    print(f"\nstudy {study.name}: {states(c)} in {time.perf_counter() - t0:.0f} s{more}")
     for t in best:
         values = ", ".join(f"{m} {v:.4f}" for (m, _), v in zip(study.sweep.objectives, t.values))
         print(f"best trial {t.number}: {values}\n  re-run: python -m fmnist_sweep {t.user_attrs.get('overrides', '')}")
     print(f"MLflow: experiment '{study.name}', parent run {study.parent_run_id} (plots and trials.csv there)")
-    print(_browse_hint(local_uri(cfg.tracking.uri), study.tracker.experiment_id, study=study))
-    return 0
+    print(_browse_hint(local_uri(study.cfg.tracking.uri), study.tracker.experiment_id, study=study))
 
 
 def _where(overrides) -> list[str]:

@@ -62,9 +62,12 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
     racing processes on a fresh store corrupt it), then run the workers to its end."""
     import torch
 
-    from . import study_report
-    from .study import Study, states
+    import time
 
+    from . import study_report
+    from .study import Study
+
+    t0 = time.perf_counter()
     study = Study(cfg, overrides)
     target = study.n_trials if more is None else study.finished() + more
     gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
@@ -91,6 +94,7 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
             p.wait()
         raise
     study.reconnecting(lambda: study_report.publish(study))
-    c, best = study.summary()
-    print(f"study {study.name}: {states(c)}; worker exit codes {codes}; {study.best_text(best)}")
+    from .cli import study_outcome
+
+    study_outcome(study, t0, f"; worker exit codes {codes}")
     return max(codes)
