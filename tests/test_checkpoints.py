@@ -4,6 +4,7 @@ the same configuration trained without a stop ends."""
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,29 +19,35 @@ from tests.helpers import interruptible, lr_sweep, mlflow_runs, trials
 EPOCHS = 20
 
 
+def _epochs_logged(workdir, role: str) -> int:
+    """Epochs the first trial's (or final model's) run has logged, read straight from MLflow's
+    SQLite store: cheap enough to poll every few milliseconds on any machine."""
+    tag = ("t.key = 'optuna.trial_number'" if role == "trial" else "t.key = 'fmnist.role' and t.value = 'final'")
+    try:
+        with sqlite3.connect(f"file:{workdir / 'mlruns.db'}?mode=ro", uri=True, timeout=1) as db:
+            rows = db.execute(f"select m.run_uuid, count(*) from metrics m join tags t on m.run_uuid = t.run_uuid "
+                              f"where m.key = 'train/loss' and {tag} group by m.run_uuid").fetchall()
+    except sqlite3.OperationalError:  # no store, or no tables yet
+        return 0
+    return max((n for _, n in rows), default=0)
+
+
 def _stop_after_epoch(args, workdir, env, epochs: int, role="trial") -> subprocess.Popen:
     """Start the command; SIGTERM it once its (first) trial's or final model's run has logged
     ``epochs`` epochs."""
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=interruptible)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            client, runs = mlflow_runs(workdir, "mine")
-        except AssertionError:  # no experiment yet
-            runs = []
-        mine = [r for r in runs if ("optuna.trial_number" in r.data.tags if role == "trial"
-                                    else r.data.tags.get("fmnist.role") == "final")]
-        if mine and len(client.get_metric_history(mine[0].info.run_id, "train/loss")) >= epochs:
-            break
-        time.sleep(0.05)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _epochs_logged(workdir, role) < epochs:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     return proc
 
 
 def test_a_stopped_trial_resumes_at_its_next_epoch_and_ends_as_an_unstopped_one(tiny_overrides, workdir, tmp_path):
-    line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, f"trainer.epochs={EPOCHS}", "model.dropouts=0.3",
+    line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, f"trainer.epochs={EPOCHS}", "trainer.batch_size=8",
+            "model.dropouts=0.3",
             "trainer.lr_schedule=onecycle", "trainer.augment.shift=2"]
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
     stopped = _stop_after_epoch([sys.executable, "-m", "fmnist_sweep", *line], workdir, env, 3)
@@ -75,7 +82,8 @@ def test_a_stopped_final_model_resumes_when_finalize_runs_again(tiny_overrides, 
     line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, "trainer.epochs=2"]
     assert main(line) == 0
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    final = ["finalize", "mine", "--top-k", "1", "--seeds", "1", *line[1:], f"trainer.epochs={EPOCHS}"]
+    final = ["finalize", "mine", "--top-k", "1", "--seeds", "1", *line[1:], f"trainer.epochs={EPOCHS}",
+             "trainer.batch_size=8"]
     stopped = _stop_after_epoch([sys.executable, "-m", "fmnist_sweep", *final], workdir, env, 3, role="final")
     assert stopped.returncode == 143, stopped.stderr.read()
     assert main(final) == 0
