@@ -356,9 +356,10 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     assert all(t.params in waiting for t in stopped)  # re-queued with the same parameters
     _, runs = mlflow_runs(workdir, "mine")
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    for t in stopped:
-        (run,) = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(t.number)]
-        assert run.info.status == "KILLED" and "interrupted (SIGTERM)" in run.data.tags["fmnist.failure"]
+    # (a worker's trial stopped before it made its MLflow run has none)
+    stopped_runs = [r for r in runs if r.data.tags.get("optuna.trial_number") in {str(t.number) for t in stopped}]
+    assert stopped_runs and all(r.info.status == "KILLED" and "interrupted (SIGTERM)" in r.data.tags["fmnist.failure"]
+                                for r in stopped_runs)
 
     done = subprocess.run([sys.executable, "-m", "fmnist_sweep", *line], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=300)
