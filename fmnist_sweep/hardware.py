@@ -38,17 +38,15 @@ def device_label(setting: str) -> str:
 
 
 def cpu_bf16_slowdown(cpuinfo: str | None = None) -> str:
-    """"" where bf16 autocast is faster than fp32 on this CPU, else why it is not. Faster:
-    AMX tiles (amx_bf16), and AVX512-BF16 on an AMD CPU. Slower: AVX512-BF16 on an Intel CPU
-    without AMX, whose oneDNN bf16 kernels are slower than its fp32 ones, and a CPU without
-    bf16 instructions, where autocast emulates bf16 in software."""
+    """"" where this CPU trains in bf16 (AMX tiles, or AVX512-BF16 from AMD), else the class it
+    belongs to, for the warning (docs/PERFORMANCE.md measures each class)."""
     cpuinfo = cpuinfo or CPUINFO
     flags = cpuinfo_field("flags", cpuinfo).split()
     if "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in cpuinfo_field("vendor_id", cpuinfo)):
         return ""
     if "avx512_bf16" in flags:
-        return "an Intel CPU with AVX512-BF16 but no AMX, whose bf16 products are slower than fp32"
-    return "a CPU without bf16 units (AMX or AVX512-BF16), where autocast emulates bf16 slower than fp32"
+        return "an Intel CPU with AVX512-BF16 but no AMX (docs/PERFORMANCE.md: bf16 is not its fast path)"
+    return "a CPU without bf16 units (AMX or AVX512-BF16): autocast emulates bf16 there"
 
 
 def cpu_has_fast_bf16() -> bool:

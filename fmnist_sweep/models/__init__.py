@@ -19,7 +19,7 @@ class Classifier(nn.Module):
     """Base of the classifiers: standardises its input, returns logits and cross-entropy."""
 
     task = "classify"
-    # bf16 autocast speeds this family up on AMX / tensor cores.
+    # precision=auto may train this family in bf16 (hardware.select_precision).
     bf16_gain = True
     channels_last_gain = False
     # Standardise [0, 1] pixels with the training-set statistics before logits().
