@@ -111,7 +111,8 @@ class Objective:
         configuration (checkpoints.py), whose epochs are reported to this trial as they were."""
         if self.cfg.study.get("checkpoints", "off") == "off":
             return None
-        frozen = next(t for t in self.optuna.get_trials(deepcopy=False) if t.number == trial.number)
+        frozen = next(t for t in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                      if t.number == trial.number)  # (this trial runs: the running ones suffice)
         numbers = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
         found = checkpoints.latest(self.tracker, checkpoints.of_trials(self.optuna.study_name, numbers),
                                    fingerprint) if numbers else None
