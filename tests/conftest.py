@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, wait_http, write_idx
+from tests.helpers import TINY, free_port, wait_http, write_idx
 
 
 @pytest.fixture
@@ -47,9 +47,8 @@ def tiny_overrides(tiny_data, workdir, migrated_mlflow_db) -> list[str]:
     """Overrides that shrink the real config to seconds on the tiny files (and the work
     directory's MLflow store, empty, copied from an already migrated one)."""
     shutil.copyfile(migrated_mlflow_db, workdir / "mlruns.db")
-    return [f"data.root={tiny_data}", "data.verify=false", "data.download=false",
-            "data.val_fraction=0.2", "trainer.epochs=1", "trainer.batch_size=32",
-            "trainer.threads=1"]
+    return [f"data.root={tiny_data}", *TINY]
+
 
 
 # --- PostgreSQL and a real `mlflow server` (the distributed path) -----------------------------

@@ -283,41 +283,15 @@ def _start_and_stop_mid_trial(args, workdir, env, sig):
     return proc
 
 
-def test_a_study_killed_mid_trial_resumes_at_once_to_its_budget(tiny_overrides, workdir, tmp_path):
-    """kill -9 (a laptop that crashed), then the same command: the dead process's trial is
-    failed and re-queued at once (its process is gone from this host), not after the
-    heartbeat's grace period (120 s on the embedded default), and the study ends with its
+def test_ctrl_c_then_kill_9_then_the_same_command_ends_the_study_at_once_to_its_budget(tiny_overrides, workdir,
+                                                                                      tmp_path):
+    """Ctrl-C mid-trial: exit 130 and one line on stderr, nothing else. Then the same command,
+    killed with -9 mid-trial (a laptop that crashed). Then the same command again: the dead
+    process's trial is failed and re-queued at once (its process is gone from this host), not
+    after the heartbeat's grace period (120 s on the embedded default); both stopped
+    configurations run again, the Ctrl-C'd one reported as interrupted; the study ends with its
     budget and no MLflow run left RUNNING."""
     args = [sys.executable, "-m", "fmnist_sweep", f"sweep={lr_sweep(tmp_path, 4)}", *tiny_overrides,
-            "trainer.epochs=6"]
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    _start_and_stop_mid_trial(args, workdir, env, signal.SIGKILL)
-    killed = next(t for t in trials(workdir, "mine") if t.state == TrialState.RUNNING)
-    resumed = datetime.datetime.now()
-    done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    ts = trials(workdir, "mine")
-    # Failed by the resumed process's own recovery, before the heartbeat's grace period could have.
-    grace = compose(args[3:]).storage.grace_period
-    failed_after = (ts[killed.number].datetime_complete - resumed).total_seconds()
-    assert failed_after < grace, ("the resumed study waited for the heartbeat's grace period", failed_after, grace)
-    counted = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(counted) == 4
-    assert [t.number for t in ts if t not in counted] == [killed.number]  # failed, and retried:
-    retried = [t for t in ts if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
-               == killed.number]
-    assert len(retried) == 1 and retried[0].params == killed.params
-    client, runs = mlflow_runs(workdir, "mine")
-    assert len([r for r in runs if r.data.tags.get("fmnist.role") == "study"]) == 1
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    (run,) = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed.number)]
-    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
-
-
-def test_ctrl_c_is_one_line_and_the_resumed_study_counts_it_interrupted(tiny_overrides, workdir, tmp_path):
-    """Ctrl-C mid-trial: exit 130 and one line on stderr, nothing else; the same command
-    resumes, runs the interrupted configuration again and reports it as interrupted."""
-    args = [sys.executable, "-m", "fmnist_sweep", f"sweep={lr_sweep(tmp_path, 3)}", *tiny_overrides,
             "trainer.epochs=6"]
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
     proc = _start_and_stop_mid_trial(args, workdir, env, signal.SIGINT)
@@ -325,13 +299,30 @@ def test_ctrl_c_is_one_line_and_the_resumed_study_counts_it_interrupted(tiny_ove
     assert proc.returncode == 130, out + err
     assert err.splitlines() == ["interrupted: the MLflow run is marked KILLED; a study resumes with the same command"]
     assert "Traceback" not in out and "no complete trials" not in out
-    stopped = next(t for t in trials(workdir, "mine") if t.state == TrialState.FAIL)
+    (stopped,) = [t for t in trials(workdir, "mine") if t.state == TrialState.FAIL]
+
+    assert _start_and_stop_mid_trial(args, workdir, env, signal.SIGKILL).returncode == -signal.SIGKILL
+    killed = next(t for t in trials(workdir, "mine") if t.state == TrialState.RUNNING)
+    resumed = datetime.datetime.now()
     done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "0 failed, 1 interrupted" in done.stdout
+    assert "1 interrupted" in done.stdout
     ts = trials(workdir, "mine")
-    assert len([t for t in ts if t.state == TrialState.COMPLETE]) == 3
-    assert [t for t in ts if t.state == TrialState.COMPLETE and t.params == stopped.params]
+    # Failed by the resumed process's own recovery, before the heartbeat's grace period could have.
+    grace = compose(args[3:]).storage.grace_period
+    failed_after = (ts[killed.number].datetime_complete - resumed).total_seconds()
+    assert failed_after < grace, ("the resumed study waited for the heartbeat's grace period", failed_after, grace)
+    counted = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 4
+    assert [t.number for t in ts if t not in counted] == sorted({stopped.number, killed.number})  # failed, and retried:
+    retried = [t for t in ts if killed.number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)]
+    assert len(retried) == 1 and retried[0].params == killed.params
+    assert [t for t in counted if t.params == stopped.params]
+    client, runs = mlflow_runs(workdir, "mine")
+    assert len([r for r in runs if r.data.tags.get("fmnist.role") == "study"]) == 1
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (run,) = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed.number)]
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
 
 
 def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(tiny_overrides, workdir, tmp_path):

@@ -10,18 +10,33 @@ from pathlib import Path
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.helpers import free_port, wait_http
+from tests.helpers import TINY, free_port, wait_http, write_idx
 
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def study_store(tiny_overrides, workdir, tmp_path):
-    sweep = tmp_path / "tools.yaml"
+@pytest.fixture(scope="module")
+def study_work(tmp_path_factory, migrated_mlflow_db) -> Path:
+    """A work dir holding a finished 3-trial study "tools", made once for this module's read-only checks."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tools")
+    write_idx(root / "data")
+    shutil.copyfile(migrated_mlflow_db, root / "mlruns.db")
+    sweep = root / "tools.yaml"
     sweep.write_text("objective: val/accuracy\nn_trials: 3\nsampler: {name: random, seed: 0}\n"
                      "params:\n  optimizer.lr: tag(log, interval(1e-4, 1e-2))\n")
-    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
-    return f"sqlite:///{workdir / 'studies.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("FMNIST_CACHE_DIR", str(root / "cache"))
+        mp.delenv("FMNIST_SWEEP_DIR", raising=False)
+        assert main([f"sweep={sweep}", *TINY, f"data.root={root / 'data'}"]) == 0
+    return root
+
+
+@pytest.fixture
+def study_store(study_work) -> str:
+    return f"sqlite:///{study_work / 'studies.db'}"
 
 
 def test_optuna_cli_reads_our_study(study_store):
@@ -58,7 +73,8 @@ def test_unreachable_mlflow_server_is_one_clear_error(tiny_overrides, workdir, c
                    "Fix: start it, or point $MLFLOW_TRACKING_URI at it; tracking=local needs no server.\n")
 
 
-def test_report_of_a_missing_study_names_what_is_there(study_store, capsys):
+def test_report_of_a_missing_study_names_what_is_there(study_work, monkeypatch, capsys):
+    monkeypatch.chdir(study_work)
     assert main(["report", "tool"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no study 'tool' in ") and "Studies there: tools." in err and "Did you mean tools?" in err
