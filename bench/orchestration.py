@@ -11,7 +11,7 @@ happens on some trials only), with its split and as a share of a 30-second trial
 
     python bench/orchestration.py                           # sqlite, journal (+ postgres) x local (+ server)
     python bench/orchestration.py --pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/postgres
-    python bench/orchestration.py --quick                   # 3 trials, sqlite + local: checks it runs
+    python bench/orchestration.py --quick                   # 3 trials on 100 images, sqlite + local: checks it runs
     python bench/orchestration.py --log-models all          # every trial logs its MLflow Model
 """
 
@@ -237,7 +237,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="fmnist-orch-"))
     os.chdir(work)
     os.environ["FMNIST_SWEEP_DIR"] = str(work)
-    tiny_idx(work / "data")
+    tiny_idx(work / "data", *((100, 50) if args.quick else ()))
     data = [f"data.root={work / 'data'}", "data.verify=false", "data.download=false", "data.train_fraction=1.0",
             "data.val_fraction=0.2"]
     stand_ins()

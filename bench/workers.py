@@ -7,7 +7,7 @@ costs are in.
 
     python bench/workers.py                        # 1, 2, 4 workers, SQLite + local MLflow
     python bench/workers.py --workers 2 --by-hand 3   # workers -n 2 beside 3 hand-started ones
-    python bench/workers.py --quick                # 2 trials, 2 workers and 2 by hand: checks it runs
+    python bench/workers.py --quick                # 2 trials, `workers -n 1` and 1 by hand: checks it runs
     python bench/workers.py storage=postgres       # any overrides (e.g. a shared PostgreSQL)
 """
 
@@ -61,7 +61,7 @@ def main():
     args = ap.parse_args()
     layouts = [int(n) for n in args.workers.split(",")] + ([-args.by_hand] if args.by_hand else [])
     if args.quick:
-        layouts, args.trials = [2, -2], 2
+        layouts, args.trials = [1, -1], 2
     print(f"study: {' '.join(SMALL + args.overrides)} study.n_trials={args.trials}; {os.cpu_count()} cores")
     base, rates = None, {}
     for n in layouts:  # n < 0: -n workers started by hand

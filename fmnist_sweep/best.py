@@ -21,9 +21,14 @@ import threading
 import time
 
 from .best_plan import Plan, measure, minimum_budget, plan_final, waves
+from .config import compose
 from .errors import UserError
 
 MARGIN = "budget.margin_s"  # seconds kept back for start-up, registration and the report
+WIDTH = "budget.width"  # the model.widths override the first session chose ("" for the configured widths)
+# A narrower model where the configured one's final models would train fewer epochs: accuracy
+# climbs steeply over the first epochs (docs/RESULTS.md, the 15-minute budget on an AVX2 CPU).
+FINAL_EPOCHS = 5
 
 
 class Clock:
@@ -91,14 +96,14 @@ def run(cfg, overrides: list[str], started: float) -> int:
     if cfg.sweep is None:
         raise UserError("a time budget needs a search: use +experiment=best budget.hours=H")
     cores = sorted(os.sched_getaffinity(0))
-    speed = None
-    if not _exists(cfg):  # a first session: a budget below this machine's minimum starts nothing
-        speed = _measure(cfg, cores, total)
-        minimum = minimum_budget(cfg, speed, cores, time.time() - started)
-        if total < minimum:
-            raise UserError(f"budget {_hm(total)} is below the smallest plan on this machine, "
-                            f"{_hm(minimum)}: run with budget.minutes={math.ceil(minimum / 6) / 10:g} or more")
+    speed, chosen = None, _chosen_width(cfg)
+    if chosen is None:  # a first session: a budget below this machine's minimum starts nothing
+        chosen, speed = _fit(cfg, overrides, cores, total, started)
+    if chosen:
+        overrides = [*overrides, chosen]
+        cfg = compose(overrides)
     study = Study(cfg, overrides)
+    study.optuna.set_user_attr(WIDTH, chosen)
     attrs = study.optuna.user_attrs
     if attrs.get("budget.registered"):
         print(f"study {study.name}: done, nothing left to run (to start afresh: study.name=NEW)")
@@ -106,7 +111,7 @@ def run(cfg, overrides: list[str], started: float) -> int:
         return 0
     with Clock(study, total, started) as clock:
         print(f"budget {_hm(total)}: {_hm(clock.spent())} already spent, {_hm(clock.left())} left", flush=True)
-        speed = speed or _measure(cfg, cores, total)
+        speed = speed or _measure(cfg, cores, _probe(total))
         plan = Plan(total, clock.left(), cores, speed, cfg, attrs)
         print(plan.text(), flush=True)
         for key, value in (("budget.total", total), ("budget.search_seconds", plan.search_seconds),
@@ -121,8 +126,9 @@ def run(cfg, overrides: list[str], started: float) -> int:
     return 0
 
 
-def _exists(cfg) -> bool:
-    """Whether the storage holds this command's study already (a resumed session)."""
+def _chosen_width(cfg) -> str | None:
+    """A resumed session's model width, as the first session chose it ("" for the configured
+    one); None for a first session (no such study in the storage yet)."""
     import optuna
 
     from .storage import make_storage, sqlite_path
@@ -130,14 +136,51 @@ def _exists(cfg) -> bool:
 
     path = sqlite_path(str(cfg.storage.get("url") or cfg.storage.get("path")))
     if path is not None and not path.exists():
-        return False
+        return None
+    storage = make_storage(cfg.storage)
     name = cfg.study.name or load_sweep(cfg.sweep).name
-    return name in optuna.study.get_all_study_names(make_storage(cfg.storage))
+    if name not in optuna.study.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage).user_attrs.get(WIDTH, "")
 
 
-def _measure(cfg, cores: list[int], total: float) -> dict:
+def _widths(cfg, overrides: list[str]) -> list[str]:
+    """The model widths a first session may choose, widest first: the configured one (""), then
+    the model's widths halved and quartered; only the configured one where the command sets them."""
+    widths = cfg.model.get("widths")
+    if widths is None or any(o.lstrip("+").startswith("model.widths=") for o in overrides):
+        return [""]
+    return [""] + [f"model.widths=[{','.join(str(max(4, w // k)) for w in widths)}]" for k in (2, 4)]
+
+
+def _fit(cfg, overrides: list[str], cores: list[int], total: float, started: float) -> tuple[str, dict]:
+    """The model width the budget buys on this machine, and its measured speed: the widest whose
+    plan trains the final models for FINAL_EPOCHS, else the one whose plan trains them longest;
+    below the narrowest one's smallest plan, a UserError naming that minimum."""
+    fitting = []  # (final epochs, width, speed), widest first
+    for width in _widths(cfg, overrides):
+        c = compose([*overrides, width]) if width else cfg
+        # short probes, only to choose: the final phase measures its model again
+        speed = _measure(c, cores, min(_probe(total), 1.5))
+        spent = time.time() - started
+        minimum = minimum_budget(c, speed, cores, spent)
+        if total >= minimum:
+            fitting.append((Plan(total, total - spent, cores, speed, c, {}).final_epochs, width, speed))
+            if fitting[-1][0] >= FINAL_EPOCHS:
+                break
+    if not fitting:
+        raise UserError(f"budget {_hm(total)} is below the smallest plan on this machine, "
+                        f"{_hm(minimum)}: run with budget.minutes={math.ceil(minimum / 6) / 10:g} or more")
+    epochs, width, speed = max(fitting, key=lambda f: f[0])  # the widest of equals: max keeps the first
+    if width:
+        print(f"{width}: the final models train {epochs} epochs at this width, fewer at the configured one",
+              flush=True)
+    return width, speed
+
+
+def _measure(cfg, cores: list[int], seconds: float) -> dict:
     """This machine's speed for the search's model, as many runs at once as cores (best_plan.measure)."""
-    return measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], _probe(total), len(cores))
+    return measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], seconds, len(cores))
 
 
 def _phase(study, clock: Clock, name: str, work) -> None:
@@ -181,7 +224,6 @@ def search(study, clock: Clock, plan: Plan, overrides: list[str]) -> None:
 def final(study, clock: Clock, plan: Plan) -> None:
     """The best trial's configuration on train+val, one run per seed, sized to the time left."""
     from .best_final import final_line, run_waves
-    from .config import compose
 
     attrs = study.optuna.user_attrs
     if "budget.final.trial" not in attrs:

@@ -167,14 +167,21 @@ class Plan:
         speeds += f"; a run's process starts in {s['startup']:.1f} s"
         final_seconds = self.final_epochs * self.final_epoch_seconds() + len(self.waves) * run_overhead(s)
         end = time.strftime("%H:%M", time.localtime(time.time() + self.left))
+        widths = self.cfg.model.get("widths")
+        model = self.cfg.model._target_.rsplit('.', 1)[-1] + (f" (widths {list(widths)})" if widths else "")
         return "\n".join([
-            f"plan: {len(self.cores)} cores; {self.cfg.model._target_.rsplit('.', 1)[-1]} {speeds}",
-            f"  search {_m(self.search_seconds)}: {self.workers} workers, about {self.n_trials} "
-            f"trials of 1 to {self.cfg.trainer.epochs} epochs (Hyperband) on {f:.0%} of the training images "
+            f"plan: {_n(len(self.cores), 'core')}; {model} {speeds}",
+            f"  search {_m(self.search_seconds)}: {_n(self.workers, 'worker')}, about {_n(self.n_trials, 'trial')} "
+            f"of 1 to {_n(self.cfg.trainer.epochs, 'epoch')} (Hyperband) on {f:.0%} of the training images "
             f"({s['n_train']:,}), judged on {s['n_val']:,} validation images",
-            f"  final {_m(final_seconds)}: the best configuration on all {s['n_all']:,} images for {self.final_epochs} "
-            f"epochs, seeds 0..{self.seeds - 1} in waves of {[k for k, _ in self.waves]} runs; each tested once",
+            f"  final {_m(final_seconds)}: the best configuration on all {s['n_all']:,} images for "
+            f"{_n(self.final_epochs, 'epoch')}, seeds 0..{self.seeds - 1} in waves of {[k for k, _ in self.waves]} "
+            "runs; each tested once",
             f"  margin {_m(self.margin)}; expected end {end}"])
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
 
 
 def plan_final(plan: Plan, seconds: float) -> int:

@@ -22,7 +22,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_idx(folder: Path, n_train_per_class=20, n_test_per_class=6, seed=0) -> dict[str, str]:
+def write_idx(folder: Path, n_train_per_class=10, n_test_per_class=6, seed=0) -> dict[str, str]:
     """Four gzipped IDX files of learnable fake images: each class is a bright
     horizontal band at its own height, plus noise. Returns their SHA-256 table."""
     rng = np.random.default_rng(seed)

@@ -63,7 +63,7 @@ def test_trial_breakdown_quick(workdir, tiny_data):
 def test_workers_quick(workdir, tiny_data):
     out = bench("workers.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
-    assert "2 worker(s) x" in out and "2 worker(s) by hand, sharing the cores" in out and "trials/hour" in out
+    assert "1 worker(s) x" in out and "1 worker(s) by hand, sharing the cores" in out and "trials/hour" in out
     assert "without -n starts" in out
 
 

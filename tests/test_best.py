@@ -62,7 +62,7 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     budget_s = 2 * 60 * _minimum_minutes(tiny_overrides, workdir, env)
     args = _command(tiny_overrides, budget_s / 60)
     first_s, first = _interrupt_after_first_trial(args, workdir, env)
-    assert "plan: 2 cores" in first or "plan: 1 cores" in first
+    assert "plan: 2 cores;" in first or "plan: 1 core;" in first
     assert "search: until" in first and " 0 epochs" not in first and "about 0 trials" not in first, first
     done_first = {t.number: (t.state, t.params) for t in optuna.load_study(study_name="best",
                                                                           storage=storage(workdir)).trials
@@ -116,3 +116,46 @@ def test_a_budget_needs_a_number_and_a_search(tiny_overrides, workdir, capsys):
     assert "budget.hours=-1 is not allowed" in capsys.readouterr().err
     assert main(["+experiment=best", "budget.minutes=1", "sweep=null", *tiny_overrides]) == 2
     assert "a time budget needs a search" in capsys.readouterr().err
+
+
+def test_a_budget_buys_the_widest_model_whose_final_models_train_long_enough(tiny_overrides, workdir, monkeypatch,
+                                                                            capsys):
+    """The plan's first choice, model.widths: the widest whose plan trains the final models for
+    best.FINAL_EPOCHS epochs, else the one that trains them longest (here a machine where a
+    width's speed goes as 1 / width², stood in at our own measurement seam); below the
+    narrowest one's smallest plan, one line naming that minimum; widths the command sets are kept."""
+    import pytest
+
+    from fmnist_sweep import best
+    from fmnist_sweep.best_plan import Plan
+    from fmnist_sweep.config import compose
+    from fmnist_sweep.errors import UserError
+
+    def measured(cfg, cores, seconds):
+        ips = 60.0 * (32 / cfg.model.widths[0]) ** 2
+        return {"threads": {k: {"train": ips * k, "eval": 3 * ips * k} for k in (1, 2)}, "slowdown": 1.0,
+                "at_once": len(cores), "startup": 4.0, "n_train": 18_000, "n_val": 12_000, "n_all": 60_000,
+                "n_test": 10_000, "seconds": 1.0}
+
+    monkeypatch.setattr(best, "_measure", measured)
+    line, cores = ["+experiment=best", "budget.minutes=60", *tiny_overrides], [0, 1]
+    widths = best._widths(compose(line), line)
+    assert widths == ["", "model.widths=[16,32,64]", "model.widths=[8,16,32]"]
+    cfgs = [compose(line + [w]) if w else compose(line) for w in widths]
+    minimum = [best.minimum_budget(c, measured(c, cores, 1), cores, 0.0) for c in cfgs]
+    assert minimum[0] > minimum[1] > minimum[2]
+
+    def epochs(total):
+        return [Plan(total, total, cores, measured(c, cores, 1), c, {}).final_epochs for c in cfgs]
+
+    for total, want in ((minimum[0] * 1.01, 1), (minimum[0] * 20, 0), ((minimum[1] + minimum[2]) / 2, 2)):
+        e, fits = epochs(total), [total >= m for m in minimum]
+        long_enough = [i for i in range(3) if fits[i] and e[i] >= best.FINAL_EPOCHS]
+        assert want == (long_enough[0] if long_enough else max((i for i in range(3) if fits[i]), key=e.__getitem__))
+        assert best._fit(cfgs[0], line, cores, total, time.time())[0] == widths[want], (total, e)
+    out = capsys.readouterr().out
+    assert "model.widths=[16,32,64]: the final models train " in out and "fewer at the configured one" in out
+    with pytest.raises(UserError, match=r"below the smallest plan on this machine, (\d+)m(\d\d)s"):
+        best._fit(cfgs[0], line, cores, minimum[2] * 0.9, time.time())
+    mine = [*line, "model.widths=[64,128,256]"]
+    assert best._widths(compose(mine), mine) == [""]

@@ -292,7 +292,7 @@ def test_ctrl_c_then_kill_9_then_the_same_command_ends_the_study_at_once_to_its_
     configurations run again, the Ctrl-C'd one reported as interrupted; the study ends with its
     budget and no MLflow run left RUNNING."""
     args = [sys.executable, "-m", "fmnist_sweep", f"sweep={lr_sweep(tmp_path, 4)}", *tiny_overrides,
-            "trainer.epochs=6"]
+            "trainer.epochs=8"]
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
     proc = _start_and_stop_mid_trial(args, workdir, env, signal.SIGINT)
     out, err = proc.stdout.read(), proc.stderr.read()
@@ -330,7 +330,7 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     one line and exits 143; each stopped trial is re-queued with its parameters, counted as
     interrupted, not failed, and no MLflow run stays RUNNING. One worker then finishes the budget."""
     sweep = lr_sweep(tmp_path, 3)
-    line = [f"sweep={sweep}", *tiny_overrides, "trainer.epochs=6"]
+    line = [f"sweep={sweep}", *tiny_overrides, "trainer.epochs=8"]
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
     proc = _start_and_stop_mid_trial([sys.executable, "-m", "fmnist_sweep", "workers", "-n", "2", *line], workdir,
                                      env, signal.SIGTERM)
