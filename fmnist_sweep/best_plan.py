@@ -154,6 +154,13 @@ class Plan:
         trial each, and one epoch of every final run."""
         return self.search_seconds >= self.speed["startup"] + self.min_trial_seconds and self.final_epochs >= 1
 
+    def final_fixed_seconds(self) -> float:
+        """Seconds of the final runs beside their epochs, wave after wave: each run's process start
+        and record, and its test pass (with the test-time shifts' views)."""
+        views = 5 if self.cfg.trainer.test_shift else 1  # the speed is measured with the mirror's views only
+        test = sum(views * self.speed["n_test"] / self.speed["threads"][t]["eval"] for _, t in self.waves)
+        return len(self.waves) * run_overhead(self.speed) + test
+
     def final_epoch_seconds(self) -> float:
         """Seconds per epoch of all the final runs together, wave after wave."""
         return sum(epoch_seconds(self.speed, threads, self.speed["n_all"], 0, at_once=k) for k, threads in self.waves)
@@ -165,7 +172,7 @@ class Plan:
         if s["at_once"] > 1:
             speeds += f"; {s['at_once']} 1-thread runs at once: each {s['slowdown']:.2f}x slower"
         speeds += f"; a run's process starts in {s['startup']:.1f} s"
-        final_seconds = self.final_epochs * self.final_epoch_seconds() + len(self.waves) * run_overhead(s)
+        final_seconds = self.final_epochs * self.final_epoch_seconds() + self.final_fixed_seconds()
         end = time.strftime("%H:%M", time.localtime(time.time() + self.left))
         widths = self.cfg.model.get("widths")
         model = self.cfg.model._target_.rsplit('.', 1)[-1] + (f" (widths {list(widths)})" if widths else "")
@@ -186,9 +193,7 @@ def _n(k: int, word: str) -> str:
 
 def plan_final(plan: Plan, seconds: float) -> int:
     """The final models' epochs that fit in ``seconds`` (0: none fit)."""
-    views = 5 if plan.cfg.trainer.test_shift else 1  # the speed is measured with the mirror's views only
-    test = sum(views * plan.speed["n_test"] / plan.speed["threads"][t]["eval"] for _, t in plan.waves)
-    return max(0, math.floor((seconds - len(plan.waves) * run_overhead(plan.speed) - test) / plan.final_epoch_seconds()))
+    return max(0, math.floor((seconds - plan.final_fixed_seconds()) / plan.final_epoch_seconds()))
 
 
 def run_overhead(speed: dict) -> float:

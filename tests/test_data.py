@@ -99,7 +99,7 @@ def test_downloads_from_mirror_and_verifies(mirror, tmp_path, monkeypatch):
     assert folder == cache
     assert sorted(p.name for p in cache.iterdir()) == sorted(n for n, _ in FILES.values())
     arrays, _ = data.decode(folder, str(cache), checksums)
-    assert arrays["train_images"].shape == (200, 28, 28)
+    assert arrays["train_images"].shape == (100, 28, 28)
 
 
 def test_download_with_wrong_checksum_keeps_nothing(mirror, tmp_path):
@@ -130,9 +130,9 @@ def test_splits_are_stratified_seeded_and_disjoint(tiny_data, tmp_path):
     cfg = data_cfg(root=str(tiny_data), cache_dir=str(tmp_path / "c"), download=False, verify=False,
                    val_fraction=0.2, train_fraction=0.5)
     d = data.load(cfg)
-    assert len(d.val) == 40 and len(d.train) == 80 and len(d.test) == 60
-    assert torch.bincount(d.val.y).tolist() == [4] * 10
-    assert torch.bincount(d.train.y).tolist() == [8] * 10
+    assert len(d.val) == 20 and len(d.train) == 40 and len(d.test) == 60
+    assert torch.bincount(d.val.y).tolist() == [2] * 10
+    assert torch.bincount(d.train.y).tolist() == [4] * 10
     assert d.train.x.dtype == torch.float32 and d.train.x.shape[1:] == (1, 28, 28)
     assert 0 <= d.train.x.min() and d.train.x.max() <= 1
     # no training image is also a validation image
