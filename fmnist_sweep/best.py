@@ -157,11 +157,12 @@ def _fit(cfg, overrides: list[str], cores: list[int], total: float, started: flo
     """The model width the budget buys on this machine, and its measured speed: the widest whose
     plan trains the final models for FINAL_EPOCHS, else the one whose plan trains them longest;
     below the narrowest one's smallest plan, a UserError naming that minimum."""
-    fitting = []  # (final epochs, width, speed), widest first
+    fitting, speed = [], None  # (final epochs, width, speed), widest first
     for width in _widths(cfg, overrides):
         c = compose([*overrides, width]) if width else cfg
-        # short probes, only to choose: the final phase measures its model again
-        speed = _measure(c, cores, min(_probe(total), 1.5))
+        # Short probes, only to choose (the final phase measures its model again); a narrower
+        # width shares the first one's process start-up and slowdown side by side.
+        speed = _measure(c, cores, min(_probe(total), 1.5), like=speed)
         spent = time.time() - started
         minimum = minimum_budget(c, speed, cores, spent)
         if total >= minimum:
@@ -178,9 +179,9 @@ def _fit(cfg, overrides: list[str], cores: list[int], total: float, started: flo
     return width, speed
 
 
-def _measure(cfg, cores: list[int], seconds: float) -> dict:
+def _measure(cfg, cores: list[int], seconds: float, like: dict | None = None) -> dict:
     """This machine's speed for the search's model, as many runs at once as cores (best_plan.measure)."""
-    return measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], seconds, len(cores))
+    return measure(cfg, [t for _, t in waves(cfg.budget.seeds, len(cores))], seconds, len(cores), like)
 
 
 def _phase(study, clock: Clock, name: str, work) -> None:

@@ -49,23 +49,29 @@ def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> 
     return {"train": train_ips, "eval": len(part) / (time.perf_counter() - t0)}
 
 
-def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1) -> dict:
+def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1, like: dict | None = None) -> dict:
     """Images/s of ``cfg``'s model on this machine for each thread count, with the allocator
     settings the runs train with; the slowdown of ``at_once`` 1-thread runs side by side on a
     CPU (shared caches and memory, and cores that may be hyperthreads of one); the start-up of a
-    run's process (those runs' own, in fresh processes); the splits' sizes; the measurement's seconds."""
+    run's process (those runs' own, in fresh processes); the splits' sizes; the measurement's
+    seconds. ``like``: a measurement of a similar model whose slowdown and start-up are taken as
+    they are (the side-by-side processes not started again)."""
     t0 = time.perf_counter()
     hardware.keep_freed_memory()
     b = train.build(cfg)
     speed = {k: _speed(b, k, seconds) for k in sorted(set(threads) | {1})}
     torch.set_num_threads(hardware.threads_for("auto"))
     k = at_once if b.device.type == "cpu" else 1
-    at_once_speed, startup = side_by_side(cfg, k, seconds)
-    slowdown = max(1.0, speed[1]["train"] / at_once_speed) if k > 1 else 1.0
+    if like is not None:
+        slowdown, startup = like["slowdown"], like["startup"]
+    else:
+        at_once_speed, startup = side_by_side(cfg, k, seconds)
+        slowdown = max(1.0, speed[1]["train"] / at_once_speed) if k > 1 else 1.0
     n_all = round(len(b.data.train) / cfg.data.train_fraction) + len(b.data.val)  # the final models' images
     return {"threads": speed, "slowdown": slowdown, "at_once": at_once, "startup": startup,
             "n_train": len(b.data.train), "n_val": len(b.data.val), "n_all": n_all, "n_test": len(b.data.test),
-            "seconds": time.perf_counter() - t0}
+            # (what measuring it whole takes: a like-measured one counts its model's side-by-side runs)
+            "seconds": max(time.perf_counter() - t0, like["seconds"] if like else 0.0)}
 
 
 def _one_of_many(container: dict, seconds: float, barrier, results, launched: float) -> None:

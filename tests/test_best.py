@@ -131,7 +131,7 @@ def test_a_budget_buys_the_widest_model_whose_final_models_train_long_enough(tin
     from fmnist_sweep.config import compose
     from fmnist_sweep.errors import UserError
 
-    def measured(cfg, cores, seconds):
+    def measured(cfg, cores, seconds, like=None):
         ips = 60.0 * (32 / cfg.model.widths[0]) ** 2
         return {"threads": {k: {"train": ips * k, "eval": 3 * ips * k} for k in (1, 2)}, "slowdown": 1.0,
                 "at_once": len(cores), "startup": 4.0, "n_train": 18_000, "n_val": 12_000, "n_all": 60_000,
