@@ -49,7 +49,10 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     hardware.prepare(cfg.trainer.threads)
     # The tracking store first: an unreachable server fails the run before any work.
     tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    b = train.build(cfg, pretrained(cfg, overrides, tracker, parent_run_id))
+    ref = pretrained(cfg, overrides, tracker, parent_run_id)
+    t_build = time.perf_counter()
+    b = train.build(cfg, ref)
+    t_build = time.perf_counter() - t_build
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     params["model.n_params"] = count_params(b.model)
     if resume is not None:
@@ -68,6 +71,7 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
             tracker.log(run_id, {}, tags={"fmnist.pruned": "true", "fmnist.stopped": result.message})
         else:
             _record_final(b, tracker, result, {"perf/train_seconds": time.perf_counter() - t_start,
+                                               "perf/build_seconds": t_build,
                                                "model/n_params": params["model.n_params"]}, log_model)
             result.status = "FINISHED"
         if checkpoint == "delete":  # the run ended: no retry will resume it
@@ -117,20 +121,29 @@ def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict, lo
         final[f"best/{b.monitor}"] = result.best
     split_name = "test" if _tested(b) else "val"
     split = getattr(b.data, split_name)
+    t = time.perf_counter()
     ev = train.evaluate(b.model, split, tcfg.eval_batch_size, b.autocast, b.channels_last, keep_outputs=True,
                   flip=tcfg.eval_flip, shift=tcfg.test_shift if split_name == "test" else 0)
+    final["perf/test_seconds"] = time.perf_counter() - t
     if split_name == "test":
         final["test/loss"] = ev["loss"]
         if b.model.task == "classify":
             final["test/accuracy"] = ev["accuracy"]
     tracker.log(result.run_id, final, step=len(result.history))
     result.metrics.update(final)
+    # Where the rest of the run's seconds go (bench/single_run.py prints them as phases).
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         _write_artifacts(Path(tmp), b.cfg, b.model, result.history, ev, split, split_name)
         tracker.log_artifacts(result.run_id, Path(tmp))
+    phases = {"perf/artifacts_seconds": time.perf_counter() - t}
     if log_model(result) if callable(log_model) else log_model:
+        t = time.perf_counter()
         result.model_id = served.log(tracker, result.run_id, b.model, served.as_pixels(split.x[:2]),
                                      step=len(result.history))
+        phases["perf/model_seconds"] = time.perf_counter() - t
+    tracker.log(result.run_id, phases, step=len(result.history))
+    result.metrics.update(phases)
 
 
 def _failed(b: Built, tracker: Tracker, result: RunResult, e: Exception) -> RunResult:

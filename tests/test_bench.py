@@ -175,3 +175,21 @@ def test_fast_paths_quick():
     assert set(rows) == {"cnn", "rnn"}
     assert "dropout " in rows["cnn"]
     assert "elman_rnn " in rows["rnn"] and rows["rnn"].rstrip().endswith("x")
+
+
+def test_single_run_quick(workdir):
+    out = bench("single_run.py")
+    rows = {line[:26].strip(): line[26:].split() for line in out.splitlines()}
+    for phase in ("start-up", "data + model", "epoch (with validation)", "test", "artifacts", "MLflow Model",
+                  "rest of the record", "exit", "whole process"):
+        assert len(rows[phase]) == 2 and all(float(v) >= 0 for v in rows[phase]), phase
+    assert float(rows["MLflow Model"][0]) > 0 and float(rows["artifacts"][0]) > 0  # ours records them; the script not
+    assert "ours: outside the epoch" in out and re.search(r"the whole process [0-9.]+x \([0-9.]+ of the epoch's\)", out)
+
+
+def test_eval_batch_quick(tiny_data, monkeypatch, capsys):
+    """In this process (the bench's imports are the suite's): one row per family, a rate per size."""
+    monkeypatch.setattr(sys, "argv", ["eval_batch.py", "--quick", f"data.root={tiny_data}", "data.download=false"])
+    bench_module("eval_batch").main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("cnn ", "rnn "))]
+    assert [r[0] for r in rows] == ["cnn", "rnn"] and all(len(r) == 7 and r[2] == "1.00x" for r in rows)
