@@ -137,11 +137,11 @@ def _chosen_width(cfg) -> str | None:
     path = sqlite_path(str(cfg.storage.get("url") or cfg.storage.get("path")))
     if path is not None and not path.exists():
         return None
-    storage = make_storage(cfg.storage)
     name = cfg.study.name or load_sweep(cfg.sweep).name
-    if name not in optuna.study.get_all_study_names(storage):
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(cfg.storage)).user_attrs.get(WIDTH, "")
+    except KeyError:  # no such study
         return None
-    return optuna.load_study(study_name=name, storage=storage).user_attrs.get(WIDTH, "")
 
 
 def _widths(cfg, overrides: list[str]) -> list[str]:

@@ -129,21 +129,21 @@ def _record_final(b: Built, tracker: Tracker, result: RunResult, final: dict, lo
         final["test/loss"] = ev["loss"]
         if b.model.task == "classify":
             final["test/accuracy"] = ev["accuracy"]
-    tracker.log(result.run_id, final, step=len(result.history))
-    result.metrics.update(final)
-    # Where the rest of the run's seconds go (bench/single_run.py prints them as phases).
+    # The phases' seconds are logged with the final metrics (bench/single_run.py prints them).
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         _write_artifacts(Path(tmp), b.cfg, b.model, result.history, ev, split, split_name)
         tracker.log_artifacts(result.run_id, Path(tmp))
-    phases = {"perf/artifacts_seconds": time.perf_counter() - t}
+    final["perf/artifacts_seconds"] = time.perf_counter() - t
+    tracker.log(result.run_id, final, step=len(result.history))
+    result.metrics.update(final)
     if log_model(result) if callable(log_model) else log_model:
         t = time.perf_counter()
         result.model_id = served.log(tracker, result.run_id, b.model, served.as_pixels(split.x[:2]),
                                      step=len(result.history))
-        phases["perf/model_seconds"] = time.perf_counter() - t
-    tracker.log(result.run_id, phases, step=len(result.history))
-    result.metrics.update(phases)
+        model = {"perf/model_seconds": time.perf_counter() - t}  # a request more, only beside an export
+        tracker.log(result.run_id, model, step=len(result.history))
+        result.metrics.update(model)
 
 
 def _failed(b: Built, tracker: Tracker, result: RunResult, e: Exception) -> RunResult:

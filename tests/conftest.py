@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, free_port, wait_http, write_idx
+from tests.helpers import TINY, enter_workdir, free_port, wait_http, write_idx
 
 
 @pytest.fixture
@@ -21,10 +21,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh current directory, cache and tracking store for a test."""
     wd = tmp_path / "work"
     wd.mkdir()
-    monkeypatch.chdir(wd)
-    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
-    monkeypatch.delenv("FMNIST_SWEEP_DIR", raising=False)
+    enter_workdir(monkeypatch, wd, tmp_path / "cache")
     return wd
 
 

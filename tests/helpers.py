@@ -67,6 +67,15 @@ def trials(workdir, name):
     return optuna.load_study(study_name=name, storage=storage(workdir)).trials
 
 
+def enter_workdir(mp, wd: Path, cache: Path) -> None:
+    """``wd`` the current directory and work dir, ``cache`` the decoded-data cache, until the
+    pytest MonkeyPatch ``mp`` undoes it."""
+    mp.chdir(wd)
+    mp.setenv("FMNIST_CACHE_DIR", str(cache))
+    mp.delenv("FMNIST_DATA_DIR", raising=False)
+    mp.delenv("FMNIST_SWEEP_DIR", raising=False)
+
+
 def sweep_file(tmp_path, text, name="mine"):
     p = tmp_path / f"{name}.yaml"
     p.write_text(textwrap.dedent(text))

@@ -197,7 +197,7 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_overrides, workdir, 
 
 @pytest.mark.parametrize("vendor, flags, why", [
     ("AuthenticAMD", "fpu avx2", "a CPU without bf16 units"),
-    ("GenuineIntel", "fpu avx512f avx512_bf16", "an Intel CPU with AVX512-BF16 but no AMX")])
+    ("GenuineIntel", "fpu avx512f avx512_bf16", "a CPU whose AVX512-BF16 is not its fast path without AMX tiles")])
 def test_bf16_where_it_is_not_fast_warns_and_auto_stays_fp32(tiny_overrides, workdir, capsys, monkeypatch, tmp_path,
                                                               vendor, flags, why):
     cpuinfo = tmp_path / "cpuinfo"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.helpers import TINY, free_port, wait_http, write_idx
+from tests.helpers import TINY, enter_workdir, free_port, lr_sweep, wait_http, write_idx
 
 BIN = Path(sys.executable).parent
 
@@ -23,14 +23,9 @@ def study_work(tmp_path_factory, migrated_mlflow_db) -> Path:
     root = tmp_path_factory.mktemp("tools")
     write_idx(root / "data")
     shutil.copyfile(migrated_mlflow_db, root / "mlruns.db")
-    sweep = root / "tools.yaml"
-    sweep.write_text("objective: val/accuracy\nn_trials: 3\nsampler: {name: random, seed: 0}\n"
-                     "params:\n  optimizer.lr: tag(log, interval(1e-4, 1e-2))\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("FMNIST_CACHE_DIR", str(root / "cache"))
-        mp.delenv("FMNIST_SWEEP_DIR", raising=False)
-        assert main([f"sweep={sweep}", *TINY, f"data.root={root / 'data'}"]) == 0
+        enter_workdir(mp, root, root / "cache")
+        assert main([f"sweep={lr_sweep(root, 3, 'tools')}", *TINY, f"data.root={root / 'data'}"]) == 0
     return root
 
 
