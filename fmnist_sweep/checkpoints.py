@@ -18,10 +18,9 @@ FOLDER, FILE = "checkpoint", "last.pt"
 
 
 def state(b, epoch: int, generator, scheduler, result, stale: int, best_state) -> dict:
-    """Everything the epochs after ``epoch`` depend on (train.fit's loop state)."""
-    from .config import config_fingerprint
-
-    return {"epoch": epoch, "fingerprint": config_fingerprint(b.cfg), "model": b.model.state_dict(),
+    """Everything the epochs after ``epoch`` depend on (train.fit's loop state); the run adds its
+    configuration's fingerprint once (record.run), not in each epoch's stop-interruptible code."""
+    return {"epoch": epoch, "model": b.model.state_dict(),
             "optimizer": b.optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
             "ema": b.ema.state_dict() if b.ema is not None else None, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if b.device.type == "cuda" else None,

@@ -63,7 +63,9 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     for h in resume[1]["history"] if resume is not None else []:
         tracker.log(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
     result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
-    save = (lambda state: checkpoints.save(tracker, run_id, state)) if checkpoint != "off" else None
+    fingerprint = config_fingerprint(b.cfg)  # once per run: an epoch's checkpoint carries it
+    save = ((lambda state: checkpoints.save(tracker, run_id, {**state, "fingerprint": fingerprint}))
+            if checkpoint != "off" else None)
     try:
         train.fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report, save,
                   resume[1] if resume is not None else None)

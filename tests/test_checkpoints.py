@@ -46,7 +46,7 @@ def _stop_after_epoch(args, workdir, env, epochs: int, role="trial") -> subproce
 
 
 def test_a_stopped_trial_resumes_at_its_next_epoch_and_ends_as_an_unstopped_one(tiny_overrides, workdir, tmp_path):
-    line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, f"trainer.epochs={EPOCHS}", "trainer.batch_size=8",
+    line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, f"trainer.epochs={EPOCHS}", "trainer.batch_size=4",
             "model.dropouts=0.3",
             "trainer.lr_schedule=onecycle", "trainer.augment.shift=2"]
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
@@ -83,7 +83,7 @@ def test_a_stopped_final_model_resumes_when_finalize_runs_again(tiny_overrides, 
     assert main(line) == 0
     env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
     final = ["finalize", "mine", "--top-k", "1", "--seeds", "1", *line[1:], f"trainer.epochs={EPOCHS}",
-             "trainer.batch_size=8"]
+             "trainer.batch_size=4"]
     stopped = _stop_after_epoch([sys.executable, "-m", "fmnist_sweep", *final], workdir, env, 3, role="final")
     assert stopped.returncode == 143, stopped.stderr.read()
     assert main(final) == 0
