@@ -20,7 +20,7 @@ import statistics
 import threading
 import time
 
-from .best_plan import Plan, measure, minimum_budget, plan_final, waves
+from .best_plan import SESSION_SETUP, Plan, measure, minimum_budget, plan_final, plural, waves
 from .config import compose
 from .errors import UserError
 
@@ -163,7 +163,7 @@ def _fit(cfg, overrides: list[str], cores: list[int], total: float, started: flo
         # Short probes, only to choose (the final phase measures its model again); a narrower
         # width shares the first one's process start-up and slowdown side by side.
         speed = _measure(c, cores, min(_probe(total), 1.5), like=speed)
-        spent = time.time() - started
+        spent = time.time() - started + SESSION_SETUP  # (the study is created after the choice)
         minimum = minimum_budget(c, speed, cores, spent)
         if total >= minimum:
             fitting.append((Plan(total, total - spent, cores, speed, c, {}).final_epochs, width, speed))
@@ -174,7 +174,7 @@ def _fit(cfg, overrides: list[str], cores: list[int], total: float, started: flo
                         f"{_hm(minimum)}: run with budget.minutes={math.ceil(minimum / 6) / 10:g} or more")
     epochs, width, speed = max(fitting, key=lambda f: f[0])  # the widest of equals: max keeps the first
     if width:
-        print(f"{width}: the final models train {epochs} epochs at this width, fewer at the configured one",
+        print(f"{width}: the final models train {plural(epochs, 'epoch')} at this width, fewer at the configured one",
               flush=True)
     return width, speed
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
+from . import forks
 from .best_plan import waves
 from .errors import stop_signal
 from .finalize import DROP
@@ -29,7 +30,7 @@ def final_line(trial, epochs: int) -> list[str]:
 
 
 def _final_seed(job: dict) -> dict:
-    """One final run, in a process of its own pinned to its cores (a spawned pool worker)."""
+    """One final run, in a process of its own pinned to its cores (a pool worker forked by forks.context())."""
     os.sched_setaffinity(0, job["cores"])
     os.environ["FMNIST_DEADLINE"] = f"{job['deadline']:.0f}"
     from . import checkpoints, record
@@ -57,14 +58,13 @@ def run_waves(study, trial, epochs: int, plan, deadline: float) -> None:
     attrs = study.optuna.user_attrs
     todo = [s for s in range(plan.seeds) if f"budget.final.seed.{s}" not in attrs]
     line = final_line(trial, epochs)
-    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked threads or locks
     for k, threads in waves(len(todo), len(plan.cores)):
         batch, todo = todo[:k], todo[k:]
         jobs = [{"seed": s, "line": line, "cores": plan.cores[i * threads:(i + 1) * threads], "deadline": deadline,
                  "study": study.name, "parent": study.parent_run_id, "trial": trial.number}
                 for i, s in enumerate(batch)]
         print(f"final: seeds {batch} at once, {threads} thread{'s' if threads > 1 else ''} each", flush=True)
-        with ProcessPoolExecutor(len(jobs), mp_context=spawn) as pool:
+        with ProcessPoolExecutor(len(jobs), mp_context=forks.context()) as pool:
             try:
                 for result in pool.map(_final_seed, jobs):
                     _record(study, result)

@@ -4,7 +4,6 @@ few seconds, and from it the search's share, its trials and the final models' ep
 from __future__ import annotations
 
 import math
-import multiprocessing
 import queue
 import statistics
 import time
@@ -13,13 +12,17 @@ import torch
 from omegaconf import OmegaConf
 
 from . import data as fmnist
-from . import hardware, train
+from . import forks, hardware, train
 
 # Costs the speed measurement does not see, each read off past runs' MLflow records (docs/PERFORMANCE.md):
 TRIAL_OVERHEAD = 3.0   # s per trial beside its epochs: a trial's perf/train_seconds minus its epochs' perf/epoch_seconds
 RECORD_OVERHEAD = 5.0  # s per final run beside its start-up, epochs and test: its MLflow run, artifacts and Model
 EPOCH_OVERHEAD = 0.25  # s per epoch beside its images: perf/epoch_seconds minus images / the measured images/s
 PRUNED_SHARE = 0.45    # epochs Hyperband's trials train, as a share of the longest trial's: sum of last_step / (trials x epochs)
+# and each read off a session's printed lines and their clock times (docs/PERFORMANCE.md):
+SESSION_SETUP = 10.0   # s from a first session's width line to its budget line: its study and MLflow parent run
+WORKER_START = 6.0     # s from "search: until" to a worker's first line: its config composed, study and MLflow opened
+SEARCH_END = 15.0      # s from the search's deadline to the "study ..." line: running trials stopped, the report
 
 
 def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> dict:
@@ -53,9 +56,11 @@ def measure(cfg, threads: list[int], seconds: float = 2.0, at_once: int = 1, lik
     """Images/s of ``cfg``'s model on this machine for each thread count, with the allocator
     settings the runs train with; the slowdown of ``at_once`` 1-thread runs side by side on a
     CPU (shared caches and memory, and cores that may be hyperthreads of one); the start-up of a
-    run's process (those runs' own, in fresh processes); the splits' sizes; the measurement's
+    run's process (those runs' own, forked as the runs are: forks.py); the splits' sizes; the measurement's
     seconds. ``like``: a measurement of a similar model whose slowdown and start-up are taken as
     they are (the side-by-side processes not started again)."""
+    if like is None:
+        forks.warm()  # paid once per command: the start-ups measured and planned are a warm server's forks
     t0 = time.perf_counter()
     hardware.keep_freed_memory()
     b = train.build(cfg)
@@ -88,7 +93,7 @@ def _one_of_many(container: dict, seconds: float, barrier, results, launched: fl
 def side_by_side(cfg, k: int, seconds: float) -> tuple[float, float]:
     """Mean training images/s of each of ``k`` 1-thread runs in ``k`` processes at once, and the
     longest start-up of those processes (launch to ready to train)."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = forks.context()
     barrier, results = ctx.Barrier(k, timeout=120), ctx.Queue()
     container = OmegaConf.to_container(cfg, resolve=True)
     procs = [ctx.Process(target=_one_of_many, args=(container, seconds, barrier, results, time.time()), daemon=True)
@@ -152,13 +157,14 @@ class Plan:
         still to come has passed, its workers' last runs have ended their records and processes,
         and the chosen configuration's speed has been measured again."""
         search_left = max(0.0, self.search_seconds - searched)
-        tail = run_overhead(self.speed) if search_left > 0 else 0.0
+        tail = run_overhead(self.speed) + SEARCH_END if search_left > 0 else 0.0
         return self.left - self.margin - search_left - tail - self.speed["seconds"]
 
     def fits(self) -> bool:
         """Whether the budget holds the smallest plan: the search's workers started with one 1-epoch
         trial each, and one epoch of every final run."""
-        return self.search_seconds >= self.speed["startup"] + self.min_trial_seconds and self.final_epochs >= 1
+        started = self.speed["startup"] + WORKER_START
+        return self.search_seconds >= started + self.min_trial_seconds and self.final_epochs >= 1
 
     def final_fixed_seconds(self) -> float:
         """Seconds of the final runs beside their epochs, wave after wave: each run's process start
@@ -183,17 +189,17 @@ class Plan:
         widths = self.cfg.model.get("widths")
         model = self.cfg.model._target_.rsplit('.', 1)[-1] + (f" (widths {list(widths)})" if widths else "")
         return "\n".join([
-            f"plan: {_n(len(self.cores), 'core')}; {model} {speeds}",
-            f"  search {_m(self.search_seconds)}: {_n(self.workers, 'worker')}, about {_n(self.n_trials, 'trial')} "
-            f"of 1 to {_n(self.cfg.trainer.epochs, 'epoch')} (Hyperband) on {f:.0%} of the training images "
+            f"plan: {plural(len(self.cores), 'core')}; {model} {speeds}",
+            f"  search {_m(self.search_seconds)}: {plural(self.workers, 'worker')}, about {plural(self.n_trials, 'trial')} "
+            f"of 1 to {plural(self.cfg.trainer.epochs, 'epoch')} (Hyperband) on {f:.0%} of the training images "
             f"({s['n_train']:,}), judged on {s['n_val']:,} validation images",
             f"  final {_m(final_seconds)}: the best configuration on all {s['n_all']:,} images for "
-            f"{_n(self.final_epochs, 'epoch')}, seeds 0..{self.seeds - 1} in waves of {[k for k, _ in self.waves]} "
+            f"{plural(self.final_epochs, 'epoch')}, seeds 0..{self.seeds - 1} in waves of {[k for k, _ in self.waves]} "
             "runs; each tested once",
             f"  margin {_m(self.margin)}; expected end {end}"])
 
 
-def _n(k: int, word: str) -> str:
+def plural(k: int, word: str) -> str:
     return f"{k} {word}{'' if k == 1 else 's'}"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
+import socket
 import sys
 import threading
 
@@ -51,10 +51,24 @@ def layout(n: int, per_gpu: int, gpus: int, cores: list[int]) -> list[dict]:
     return slots
 
 
-def _pump(stream, prefix: str) -> None:
-    for line in iter(stream.readline, ""):
+def _pump(sock, prefix: str) -> None:
+    for line in sock.makefile("r", encoding="utf-8", errors="replace"):
         sys.stdout.write(prefix + line)
         sys.stdout.flush()
+
+
+def _start(argv: list[str], env: dict, prefix: str):
+    """A worker process forked from the pre-imported server (forks.cli_child), its output
+    copied to ours line by line after ``prefix``."""
+    from . import forks
+
+    mine, theirs = socket.socketpair()
+    p = forks.context().Process(target=forks.cli_child, args=(argv, env, theirs))
+    p.start()
+    theirs.close()
+    p.pump = threading.Thread(target=_pump, args=(mine, prefix), daemon=True)
+    p.pump.start()
+    return p
 
 
 def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | None) -> int:
@@ -77,24 +91,23 @@ def launch(cfg, overrides: list[str], n: int | None, per_gpu: int, more: int | N
     print(f"study {study.name}: {n} workers to {target} trials; "
           + ", ".join(f"w{i}: " + (f"GPU {s['env']['CUDA_VISIBLE_DEVICES']}, " if gpus else "")
                       + f"cores {s['cores']}" for i, s in enumerate(slots)), flush=True)
-    args = [sys.executable, "-m", "fmnist_sweep",
-            *[o for o in overrides if not o.startswith("study.n_trials=")], f"study.n_trials={target}"]
-    procs = []
-    for i, slot in enumerate(slots):  # each pins itself to its cores (pin_to_cores)
-        p = subprocess.Popen(args, env={**os.environ, **slot["env"]}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, bufsize=1)
-        threading.Thread(target=_pump, args=(p.stdout, f"[w{i}] "), daemon=True).start()
-        procs.append(p)
+    argv = [*[o for o in overrides if not o.startswith("study.n_trials=")], f"study.n_trials={target}"]
+    # each pins itself to its cores (pin_to_cores)
+    procs = [_start(argv, {**os.environ, **slot["env"]}, f"[w{i}] ") for i, slot in enumerate(slots)]
     try:
-        codes = [p.wait() for p in procs]
+        for p in procs:
+            p.join()
+            p.pump.join(5)  # its last lines before our own
     except KeyboardInterrupt as e:  # Ctrl-C or a stop signal: the same to every worker
         for p in procs:
-            p.send_signal(stop_signal(e))
+            if p.exitcode is None:
+                os.kill(p.pid, stop_signal(e))
         for p in procs:
-            p.wait()
+            p.join()
         raise
     study.reconnecting(lambda: study_report.publish(study))
     from .cli import study_outcome
 
+    codes = [p.exitcode for p in procs]  # as a shell reports them (-N: killed by signal N)
     study_outcome(study, t0, f"; worker exit codes {codes}")
     return max(codes)

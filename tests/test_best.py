@@ -76,7 +76,9 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     out = second.stdout
     spent_before = out.split("already spent")[0].rsplit(":", 1)[1].strip()
     assert spent_before != "0m00s", out  # the interrupted session's seconds count against the budget
-    for phase in ("plan:", "search: until", "final: seeds", "- search:", "- final:", "- register:"):
+    # (the first session's trials may have taken the whole search share on a busy machine)
+    assert re.search(r"^search: (until|no time left for a trial)", out, re.M), out
+    for phase in ("plan:", "final: seeds", "- search:", "- final:", "- register:"):
         assert phase in out, out
     study = optuna.load_study(study_name="best", storage=storage(workdir))
     assert study.user_attrs["budget.spent"] <= budget_s, (study.user_attrs["budget.spent"], out)

@@ -1,0 +1,52 @@
+"""Child processes that start without importing torch, MLflow and Optuna again: a
+multiprocessing forkserver that imports what a run needs once and forks each child
+from there. The local workers of `workers` and the side-by-side speed measurement and
+final models of +experiment=best start this way.
+
+A forkserver child is a fork of a process that imported, and never ran, torch: no
+training threads or locks are copied (the reason "fork" from a running process is not
+safe), and nothing it imported is paid again."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+
+# What a run's process imports before its first batch ends (torch._dynamo: on the first
+# optimizer step). The artifacts' plotting libraries are left to the children that write them.
+PRELOAD = ["fmnist_sweep.study", "fmnist_sweep.record", "torch._dynamo"]
+
+
+def context():
+    """The multiprocessing context whose processes fork from the pre-imported server (started
+    on the first child, then shared by every child of this process)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def warm() -> None:
+    """Start the server now (its imports, once per process), so that a child started later
+    starts as the next ones will: a fork."""
+    p = context().Process(target=os.getpid)
+    p.start()
+    p.join()
+
+
+def cli_child(argv: list[str], env: dict, out) -> None:
+    """`python -m fmnist_sweep ARGV` in a forked child: ``env`` its environment (the server's
+    is the one its parent had when the server started), its output (C libraries' too) into
+    the socket ``out``, its exit code as the process's."""
+    from . import cli
+    from .errors import stop_on_signals
+
+    cli.STARTED = time.time()  # (the server imported cli long before)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd in (1, 2):
+        os.dup2(out.fileno(), fd)
+    out.close()
+    stop_on_signals()
+    sys.exit(cli.main(argv))
