@@ -11,7 +11,7 @@ happens on some trials only), with its split and as a share of a 30-second trial
 
     python bench/orchestration.py                           # sqlite, journal (+ postgres) x local (+ server)
     python bench/orchestration.py --pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/postgres
-    python bench/orchestration.py --quick                   # 3 trials on 100 images, sqlite + local: checks it runs
+    python bench/orchestration.py --quick                   # 3 trials of 2 epochs on 100 images, sqlite + local: checks it runs
     python bench/orchestration.py --log-models all          # every trial logs its MLflow Model
 """
 
@@ -229,7 +229,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.trials, args.storages, args.tracking = 3, "sqlite", "local"
+        args.trials, args.epochs, args.storages, args.tracking = 3, 2, "sqlite", "local"
     storages = [s for s in args.storages.split(",") if s != "postgres" or args.pg_url]
     if "postgres" in args.storages and not args.pg_url:
         print("postgres skipped: give --pg-url (or set FMNIST_TEST_PG_URL)")
