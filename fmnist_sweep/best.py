@@ -21,7 +21,7 @@ import threading
 import time
 
 from .best_plan import SESSION_SETUP, Plan, measure, minimum_budget, plan_final, plural, waves
-from .config import compose
+from .config import budget_seconds, compose
 from .errors import UserError
 
 MARGIN = "budget.margin_s"  # seconds kept back for start-up, registration and the report
@@ -77,14 +77,6 @@ class Clock:
             self.save()
         except Exception:
             pass
-
-
-def budget_seconds(cfg) -> float | None:
-    """The command's budget in seconds (budget.hours and/or budget.minutes), None without one."""
-    b = cfg.get("budget") or {}
-    if b.get("hours") is None and b.get("minutes") is None:
-        return None
-    return 3600.0 * (b.get("hours") or 0) + 60.0 * (b.get("minutes") or 0)
 
 
 def run(cfg, overrides: list[str], started: float) -> int:

@@ -204,12 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from .best import budget_seconds
+        from .config import budget_seconds
 
         if budget_seconds(cfg) is not None:
-            from . import best
-
-            return best.run(cfg, overrides, STARTED)
+            return _best(cfg, overrides)
         if cfg.sweep is not None:
             return _run_study(cfg, overrides, opts["more"], opts["fork"])
         if opts["more"] is not None or opts["fork"]:
@@ -226,6 +224,17 @@ def main(argv: list[str] | None = None) -> int:
         print("storage proxy stopped" if opts.get("command") == "storage-proxy" else
               f"{why}: the MLflow run is marked KILLED; a study resumes with the same command", file=sys.stderr)
         return 128 + signum
+
+
+def _best(cfg, overrides) -> int:
+    """+experiment=best: the run server (forks.py) starts importing on a core beside this
+    process's own imports, which the budget's first measurement then waits for."""
+    from . import forks
+
+    forks.start()
+    from . import best
+
+    return best.run(cfg, overrides, STARTED)
 
 
 def _run_one(cfg, overrides, verbose) -> int:

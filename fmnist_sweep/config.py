@@ -179,6 +179,14 @@ def validate(cfg: DictConfig) -> None:
                         "give one block count per stage.")
 
 
+def budget_seconds(cfg) -> float | None:
+    """The command's time budget in seconds (budget.hours and/or budget.minutes), None without one."""
+    b = cfg.get("budget") or {}
+    if b.get("hours") is None and b.get("minutes") is None:
+        return None
+    return 3600.0 * (b.get("hours") or 0) + 60.0 * (b.get("minutes") or 0)
+
+
 def config_fingerprint(cfg: DictConfig) -> str:
     """What decides a trial's result: the config without where-and-how-it-runs keys."""
     c = OmegaConf.to_container(cfg, resolve=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 
 # What a run's process imports before its first batch ends (torch._dynamo: on the first
@@ -33,6 +34,11 @@ def warm() -> None:
     p = context().Process(target=os.getpid)
     p.start()
     p.join()
+
+
+def start() -> None:
+    """warm() in the background, so that the server imports while this process does."""
+    threading.Thread(target=warm, daemon=True, name="forkserver-start").start()
 
 
 def cli_child(argv: list[str], env: dict, out) -> None:
