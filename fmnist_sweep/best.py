@@ -295,7 +295,7 @@ def report(study, attrs: dict) -> str:
     values = [s["test"] for s in seeds if s.get("test") is not None]
     if values:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"- test accuracy: {statistics.mean(values):.4f} ± {std:.4f} over {len(values)} seeds")
+        lines.append(f"- test accuracy: {statistics.mean(values):.4f} ± {std:.4f} over {plural(len(values), 'seed')}")
     if attrs.get("budget.registered"):
         uri = f"models:/{attrs['budget.registered']}"
         lines.append(f"- registered: {uri} (python -m fmnist_sweep predict {uri} IMAGES)")
