@@ -38,15 +38,15 @@ def device_label(setting: str) -> str:
 
 
 def cpu_bf16_slowdown(cpuinfo: str | None = None) -> str:
-    """Why bf16 is not this CPU's fast path, for the warning; "" where it is (AMX tiles, or
-    AVX512-BF16 on a CPU that runs it without AMX: AMD's). docs/PERFORMANCE.md measures each class."""
+    """Why bf16 is not this CPU's fast path, for the warning, from its /proc/cpuinfo flags; "" where
+    it is: amx_bf16, or avx512_bf16 with vendor_id AuthenticAMD (docs/PERFORMANCE.md measures each)."""
     cpuinfo = cpuinfo or CPUINFO
     flags = cpuinfo_field("flags", cpuinfo).split()
     if "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in cpuinfo_field("vendor_id", cpuinfo)):
         return ""
     if "avx512_bf16" in flags:
-        return "a CPU whose AVX512-BF16 is not its fast path without AMX tiles"
-    return "a CPU without bf16 units (AMX or AVX512-BF16), where autocast emulates bf16"
+        return "a CPU where bf16 trains slower than fp32 (flags: avx512_bf16 without amx_bf16)"
+    return "a CPU where bf16 trains slower than fp32 (flags: no bf16 instructions, autocast emulates them)"
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -196,8 +196,9 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_overrides, workdir, 
 
 
 @pytest.mark.parametrize("vendor, flags, why", [
-    ("AuthenticAMD", "fpu avx2", "a CPU without bf16 units"),
-    ("GenuineIntel", "fpu avx512f avx512_bf16", "a CPU whose AVX512-BF16 is not its fast path without AMX tiles")])
+    ("AuthenticAMD", "fpu avx2", "a CPU where bf16 trains slower than fp32 (flags: no bf16 instructions"),
+    ("GenuineIntel", "fpu avx512f avx512_bf16", "a CPU where bf16 trains slower than fp32 (flags: avx512_bf16 "
+                                                "without amx_bf16)")])
 def test_bf16_where_it_is_not_fast_warns_and_auto_stays_fp32(tiny_overrides, workdir, capsys, monkeypatch, tmp_path,
                                                               vendor, flags, why):
     cpuinfo = tmp_path / "cpuinfo"
@@ -212,9 +213,9 @@ def test_bf16_where_it_is_not_fast_warns_and_auto_stays_fp32(tiny_overrides, wor
 
 
 @pytest.mark.parametrize("vendor, flags, fast", [
-    ("GenuineIntel", "fpu avx512_bf16 amx_bf16 amx_tile", True),   # Sapphire Rapids and later, AMX shown
-    ("GenuineIntel", "fpu avx512_bf16", False),                    # Cooper Lake, or a VM hiding AMX
-    ("AuthenticAMD", "fpu avx512_bf16", True),                     # Zen 4, Zen 5
+    ("GenuineIntel", "fpu avx512_bf16 amx_bf16 amx_tile", True),   # AMX tiles shown
+    ("GenuineIntel", "fpu avx512_bf16", False),                    # no AMX tiles shown (or a VM hiding them)
+    ("AuthenticAMD", "fpu avx512_bf16", True),
     ("AuthenticAMD", "fpu avx2", False), ("GenuineIntel", "fpu avx2", False)])
 def test_precision_auto_uses_bf16_only_where_the_cpu_makes_it_fast(tmp_path, monkeypatch, vendor, flags, fast):
     from fmnist_sweep.hardware import select_precision
