@@ -48,7 +48,7 @@ def cli_child(argv: list[str], env: dict, out) -> None:
     from . import cli
     from .errors import stop_on_signals
 
-    cli.STARTED = time.time()  # (the server imported cli long before)
+    cli.STARTED = time.time()  # the child's own start, not its module's import (possibly in the server)
     os.environ.clear()
     os.environ.update(env)
     for fd in (1, 2):
