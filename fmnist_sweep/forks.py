@@ -41,18 +41,19 @@ def start() -> None:
     threading.Thread(target=warm, daemon=True, name="forkserver-start").start()
 
 
-def cli_child(argv: list[str], env: dict, out) -> None:
+def cli_child(argv: list[str], env: dict, out, err=None) -> None:
     """`python -m fmnist_sweep ARGV` in a forked child: ``env`` its environment (the server's
     is the one its parent had when the server started), its output (C libraries' too) into
-    the socket ``out``, its exit code as the process's."""
+    the socket ``out`` (its standard error into ``err`` where given), its exit code as the process's."""
     from . import cli
     from .errors import stop_on_signals
 
     cli.STARTED = time.time()  # the child's own start, not its module's import (possibly in the server)
     os.environ.clear()
     os.environ.update(env)
-    for fd in (1, 2):
-        os.dup2(out.fileno(), fd)
-    out.close()
+    for fd, sock in ((1, out), (2, err or out)):
+        os.dup2(sock.fileno(), fd)
+    for sock in {out, err or out}:
+        sock.close()
     stop_on_signals()
     sys.exit(cli.main(argv))

@@ -118,11 +118,93 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def interruptible() -> None:
-    """Popen's preexec_fn for a child the test will Ctrl-C: SIGINT's default action, even where
-    the test process inherited it ignored (a shell's background job), so that the child's
-    Python turns SIGINT into KeyboardInterrupt."""
+# --- the CLI as a real process without an interpreter's start-up -------------------------------
+# What a command imports, once per test process: its forked commands import nothing again.
+FORK_PRELOAD = ["fmnist_sweep.cli", "fmnist_sweep.study", "fmnist_sweep.record", "fmnist_sweep.best",
+                "fmnist_sweep.workers", "torch._dynamo", "mlflow.pytorch", "tests.helpers"]
+
+
+class Forked:
+    """`python -m fmnist_sweep ARGS` in ``cwd`` with the environment ``env`` as a process of its
+    own (signals, kill -9, exit codes and output as a command's), forked from this test process's
+    multiprocessing forkserver (fmnist_sweep/forks.py) instead of a new interpreter: what
+    ``python -m`` itself does is tested in tests/test_cli_errors.py. Popen's ways: ``pid``,
+    ``stdout`` and ``stderr`` (None with ``merge``: standard error into stdout), ``send_signal``,
+    ``wait``, ``communicate``, ``returncode`` (minus the signal that killed it)."""
+
+    def __init__(self, args: list[str], cwd=None, env: dict | None = None, merge: bool = False):
+        import multiprocessing
+        import socket
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(FORK_PRELOAD)  # (where the server already runs: no effect)
+        out, out_child = socket.socketpair()
+        err, err_child = (None, None) if merge else socket.socketpair()
+        self.process = ctx.Process(target=_cli_child, args=(list(args), str(cwd or os.getcwd()), dict(env or os.environ),
+                                                                 out_child, err_child))
+        self.process.start()
+        self.pid = self.process.pid
+        for s in (out_child, err_child):
+            if s is not None:
+                s.close()
+        self.stdout = out.makefile("r", encoding="utf-8", errors="replace")
+        self.stderr = err.makefile("r", encoding="utf-8", errors="replace") if err else None
+        self._sockets = [s for s in (out, err) if s is not None]
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def send_signal(self, sig) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"fmnist_sweep (pid {self.pid})", timeout)
+        return self.process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        """Everything still to come on stdout and stderr, once the process has exited."""
+        import threading
+
+        got = {}
+        readers = [threading.Thread(target=lambda f=f: got.__setitem__(f, f.read()), daemon=True)
+                   for f in (self.stdout, self.stderr) if f is not None]
+        for r in readers:
+            r.start()
+        self.wait(timeout)
+        for r in readers:
+            r.join(timeout)
+        for s in self._sockets:
+            s.close()
+        return got.get(self.stdout, ""), got.get(self.stderr) if self.stderr else None
+
+
+def run_cli(args: list[str], cwd=None, env: dict | None = None, timeout: float = 600):
+    """Forked ``args`` to its end: a subprocess.CompletedProcess (returncode, stdout, stderr)."""
+    import subprocess
+
+    proc = Forked(args, cwd, env)
+    out, err = proc.communicate(timeout)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _cli_child(argv, cwd, env, out, err) -> None:
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from fmnist_sweep import forks
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal
+    os.chdir(cwd)
+    forks.cli_child(argv, env, out, err)

@@ -1,18 +1,14 @@
 """+experiment=best with a wall-clock budget: plan, search, final models, registration,
 the deadline, and a resumed command that goes on where an interrupted one stopped."""
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
 from optuna.trial import TrialState
 
-from fmnist_sweep.config import resource_dir
-from tests.helpers import interruptible, mlflow_runs, storage
+from tests.helpers import Forked, mlflow_runs, run_cli, storage
 
 MINIMUM = re.compile(r"error: budget 0m03s is below the smallest plan on this machine, \d+m\d\ds: "
                      r"run with budget.minutes=([\d.]+) or more")
@@ -21,15 +17,13 @@ MINIMUM = re.compile(r"error: budget 0m03s is below the smallest plan on this ma
 def _command(tiny_overrides, minutes: float):
     line = [o for o in tiny_overrides if not o.startswith("trainer.epochs=")]
     # A search share that leaves both the interrupted and the resumed session some search time.
-    return [sys.executable, "-m", "fmnist_sweep", "+experiment=best", f"budget.minutes={minutes:g}",
-            "budget.search_share=0.4", *line, "trainer.epochs=3"]
+    return ["+experiment=best", f"budget.minutes={minutes:g}", "budget.search_share=0.4", *line, "trainer.epochs=3"]
 
 
-def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
+def _interrupt_after_first_trial(args, workdir) -> tuple[float, str]:
     """Start the command, Ctrl-C it once the search has finished (or pruned) a trial; (seconds, its output)."""
     t0 = time.time()
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=interruptible)
+    proc = Forked(args, workdir, merge=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -41,10 +35,9 @@ def _interrupt_after_first_trial(args, workdir, env) -> tuple[float, str]:
     return time.time() - t0, "".join(seen) + rest
 
 
-def _minimum_minutes(tiny_overrides, workdir, env) -> float:
+def _minimum_minutes(tiny_overrides, workdir) -> float:
     """A 3-second budget: one line naming this machine's minimum, exit 2, no study; that minimum."""
-    tiny = subprocess.run(_command(tiny_overrides, 0.05), cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=300)
+    tiny = run_cli(_command(tiny_overrides, 0.05), workdir, timeout=300)
     assert tiny.returncode == 2, tiny.stdout + tiny.stderr
     (line,) = tiny.stderr.splitlines()
     minimum = MINIMUM.fullmatch(line)
@@ -58,10 +51,9 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     """A budget below this machine's smallest plan: one line naming the minimum, exit 2, no study.
     Twice that minimum, Ctrl-C'd after its first trial and run again: three final seeds, a
     registered model, both sessions within the budget by the clock the study keeps."""
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    budget_s = 2 * 60 * _minimum_minutes(tiny_overrides, workdir, env)
+    budget_s = 2 * 60 * _minimum_minutes(tiny_overrides, workdir)
     args = _command(tiny_overrides, budget_s / 60)
-    first_s, first = _interrupt_after_first_trial(args, workdir, env)
+    first_s, first = _interrupt_after_first_trial(args, workdir)
     assert "plan: 2 cores;" in first or "plan: 1 core;" in first
     assert "search: until" in first and " 0 epochs" not in first and "about 0 trials" not in first, first
     done_first = {t.number: (t.state, t.params) for t in optuna.load_study(study_name="best",
@@ -70,7 +62,7 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     assert done_first
 
     t0 = time.time()
-    second = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    second = run_cli(args, workdir)
     second_s = time.time() - t0
     assert second.returncode == 0, second.stdout + second.stderr
     out = second.stdout
@@ -82,8 +74,8 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
         assert phase in out, out
     study = optuna.load_study(study_name="best", storage=storage(workdir))
     assert study.user_attrs["budget.spent"] <= budget_s, (study.user_attrs["budget.spent"], out)
-    # The clock starts with the command: each session's interpreter start (the plan measures a
-    # run's process start) is all the wall time outside it.
+    # The clock starts with the command: each session's process start (the plan measures a run's)
+    # is all the wall time outside it.
     startup = max(float(s) for s in re.findall(r"a run's process starts in ([\d.]+) s", first + out))
     assert first_s + second_s <= budget_s + 2 * startup, (first_s, second_s, startup, out)
 
@@ -110,7 +102,7 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "budget/seconds_left")]
     assert "best_val_vs_time.png" in [f.path for f in client.list_artifacts(parent.info.run_id)]
 
-    third = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    third = run_cli(args, workdir, timeout=120)
     assert third.returncode == 0 and "done, nothing left to run" in third.stdout, third.stdout + third.stderr
     assert len(mlflow_runs(workdir, "best")[1]) == len(runs)
 

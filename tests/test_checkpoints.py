@@ -1,20 +1,16 @@
 """A trial stopped mid-run resumes at its next epoch from its checkpoint, and ends where
 the same configuration trained without a stop ends."""
 
-import os
 import shlex
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
 from optuna.trial import TrialState
 
 from fmnist_sweep.cli import main
-from fmnist_sweep.config import resource_dir
-from tests.helpers import interruptible, lr_sweep, mlflow_runs, trials
+from tests.helpers import Forked, lr_sweep, mlflow_runs, trials
 
 EPOCHS = 20
 
@@ -32,11 +28,10 @@ def _epochs_logged(workdir, role: str) -> int:
     return max((n for _, n in rows), default=0)
 
 
-def _stop_after_epoch(args, workdir, env, epochs: int, role="trial") -> subprocess.Popen:
+def _stop_after_epoch(args, workdir, epochs: int, role="trial") -> Forked:
     """Start the command; SIGTERM it once its (first) trial's or final model's run has logged
     ``epochs`` epochs."""
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
+    proc = Forked(args, workdir)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and _epochs_logged(workdir, role) < epochs:
         time.sleep(0.01)
@@ -49,8 +44,7 @@ def test_a_stopped_trial_resumes_at_its_next_epoch_and_ends_as_an_unstopped_one(
     line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, f"trainer.epochs={EPOCHS}", "trainer.batch_size=4",
             "model.dropouts=0.3",
             "trainer.lr_schedule=onecycle", "trainer.augment.shift=2"]
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    stopped = _stop_after_epoch([sys.executable, "-m", "fmnist_sweep", *line], workdir, env, 3)
+    stopped = _stop_after_epoch(line, workdir, 3)
     assert stopped.returncode == 143, stopped.stderr.read()
     first, waiting = trials(workdir, "mine")  # the stopped trial, and its retry re-queued
     assert first.state == TrialState.FAIL and waiting.state == TrialState.WAITING
@@ -81,10 +75,9 @@ def test_a_stopped_trial_resumes_at_its_next_epoch_and_ends_as_an_unstopped_one(
 def test_a_stopped_final_model_resumes_when_finalize_runs_again(tiny_overrides, workdir, tmp_path):
     line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, "trainer.epochs=2"]
     assert main(line) == 0
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
     final = ["finalize", "mine", "--top-k", "1", "--seeds", "1", *line[1:], f"trainer.epochs={EPOCHS}",
              "trainer.batch_size=4"]
-    stopped = _stop_after_epoch([sys.executable, "-m", "fmnist_sweep", *final], workdir, env, 3, role="final")
+    stopped = _stop_after_epoch(final, workdir, 3, role="final")
     assert stopped.returncode == 143, stopped.stderr.read()
     assert main(final) == 0
     client, runs = mlflow_runs(workdir, "mine")

@@ -1,15 +1,12 @@
 """Workers started by hand on one machine share its cores: workers x threads <= cores."""
 
 import os
-import subprocess
-import sys
 import threading
 
 from optuna.trial import TrialState
 
-from fmnist_sweep.config import resource_dir
 from fmnist_sweep.cores import CoreShare
-from tests.helpers import lr_sweep, trials
+from tests.helpers import Forked, lr_sweep, trials
 
 
 def test_workers_take_an_equal_share_of_free_cores_and_wait_for_one(tmp_path, monkeypatch):
@@ -33,11 +30,10 @@ def test_workers_take_an_equal_share_of_free_cores_and_wait_for_one(tmp_path, mo
 
 
 def test_three_hand_started_workers_finish_the_study_within_the_machines_cores(tiny_overrides, workdir, tmp_path):
-    line = [sys.executable, "-m", "fmnist_sweep", f"sweep={lr_sweep(tmp_path, 6)}",
-            *[o for o in tiny_overrides if not o.startswith("trainer.threads=")], "trainer.epochs=2"]
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent), FMNIST_CORES_DIR=str(tmp_path / "locks"))
-    procs = [subprocess.Popen(line, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(3)]
+    line = [f"sweep={lr_sweep(tmp_path, 6)}", *[o for o in tiny_overrides if not o.startswith("trainer.threads=")],
+            "trainer.epochs=2"]
+    env = dict(os.environ, FMNIST_CORES_DIR=str(tmp_path / "locks"))
+    procs = [Forked(line, workdir, env, merge=True) for _ in range(3)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     cores = len(os.sched_getaffinity(0))

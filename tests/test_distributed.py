@@ -5,8 +5,6 @@ Optuna or MLflow."""
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,8 +14,7 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from fmnist_sweep.config import resource_dir
-from tests.helpers import lr_sweep, mlflow_runs
+from tests.helpers import Forked, lr_sweep, mlflow_runs, run_cli
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -27,8 +24,7 @@ def dist(tiny_overrides, workdir, pg_database, mlflow_server, tmp_path):
     """Command and environment of a worker: storage=postgres tracking=server, URLs from env."""
     name = f"dist{os.getpid()}{int(time.time() * 1000) % 10**8}"
     sweep = lr_sweep(tmp_path, 24, name)
-    env = dict(os.environ, FMNIST_STORAGE_URL=pg_database, MLFLOW_TRACKING_URI=mlflow_server,
-               PYTHONPATH=str(resource_dir("conf").parent))
+    env = dict(os.environ, FMNIST_STORAGE_URL=pg_database, MLFLOW_TRACKING_URI=mlflow_server)
     args = [f"sweep={sweep}", "storage=postgres", "tracking=server", *tiny_overrides]
 
     class Dist:
@@ -36,7 +32,6 @@ def dist(tiny_overrides, workdir, pg_database, mlflow_server, tmp_path):
 
     d = Dist()
     d.name, d.env, d.args, d.url, d.uri, d.cwd = name, env, args, pg_database, mlflow_server, workdir
-    d.cmd = [sys.executable, "-m", "fmnist_sweep"]
     # one pool for the test's many reads, riding out the connection cuts some tests make
     storage = optuna.storages.RDBStorage(pg_database, engine_kwargs={"pool_pre_ping": True})
     d.trials = lambda: optuna.load_study(study_name=name, storage=storage).trials
@@ -81,8 +76,7 @@ def finished_runs(runs) -> list[int]:
 
 
 def test_four_workers_share_the_budget(dist):
-    proc = subprocess.run([*dist.cmd, "workers", "-n", "4", *dist.args, "study.n_trials=12"], cwd=dist.cwd, env=dist.env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli(["workers", "-n", "4", *dist.args, "study.n_trials=12"], dist.cwd, dist.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[w3]" in proc.stdout and "worker exit codes [0, 0, 0, 0]" in proc.stdout
     ts, children = check_record(dist, 12, workers=4)
@@ -97,8 +91,8 @@ def test_four_workers_share_the_budget(dist):
 def test_killed_worker_loses_nothing(dist):
     args = [*dist.args, "study.n_trials=6", "trainer.epochs=4", "storage.heartbeat_interval=1",
             "storage.grace_period=3"]
-    victim = subprocess.Popen([*dist.cmd, *args], cwd=dist.cwd, env=dist.env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = Forked(args, dist.cwd, dist.env, merge=True)
+    threading.Thread(target=victim.stdout.read, daemon=True).start()  # its output, unread
     deadline = time.time() + 120
     running = []
     while time.time() < deadline and not running:
@@ -112,8 +106,7 @@ def test_killed_worker_loses_nothing(dist):
     assert running, "the victim never started a trial"
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
-    survivor = subprocess.run([*dist.cmd, *args], cwd=dist.cwd, env=dist.env, capture_output=True,
-                              text=True, timeout=600)
+    survivor = run_cli(args, dist.cwd, dist.env)
     assert survivor.returncode == 0, survivor.stdout[-3000:] + survivor.stderr[-3000:]
     ts, _ = check_record(dist, 6)
     killed = next(t for t in ts if t.number == running[0].number)
@@ -127,8 +120,7 @@ def test_workers_recover_when_database_connections_are_cut(dist):
     from sqlalchemy.engine import make_url
 
     url = make_url(dist.url)
-    procs = [subprocess.Popen([*dist.cmd, *dist.args, "study.n_trials=12"], cwd=dist.cwd, env=dist.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [Forked([*dist.args, "study.n_trials=12"], dist.cwd, dist.env, merge=True) for _ in range(2)]
     outputs = [[], []]
     for p, out in zip(procs, outputs):
         threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True).start()
@@ -360,13 +352,12 @@ def test_three_workers_started_together_on_a_fresh_store(where, tiny_overrides, 
     """The same command in three terminals at once, on fresh stores (the study's and MLflow's
     embedded SQLite): no process crashes, one experiment, one parent run."""
     (workdir / "mlruns.db").unlink()  # a fresh MLflow store, migrated by whichever process comes first
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    args = [sys.executable, "-m", "fmnist_sweep", f"sweep={lr_sweep(tmp_path, 3)}", *tiny_overrides]
+    env = dict(os.environ)
+    args = [f"sweep={lr_sweep(tmp_path, 3)}", *tiny_overrides]
     if where == "postgres":
         env["FMNIST_STORAGE_URL"] = request.getfixturevalue("pg_database")
         args.append("storage=postgres")
-    procs = [subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(3)]
+    procs = [Forked(args, workdir, env, merge=True) for _ in range(3)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n=====\n".join(outs)
     assert not any("Traceback" in o for o in outs)

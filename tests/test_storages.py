@@ -5,8 +5,6 @@ and restarted; the tests assert exit codes and the study's trial states."""
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,7 +14,7 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from tests.helpers import free_port, lr_sweep
+from tests.helpers import Forked, free_port, lr_sweep
 
 REDIS_URL = os.environ.get("FMNIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 pytestmark = pytest.mark.slow
@@ -24,8 +22,7 @@ pytestmark = pytest.mark.slow
 
 def start(args, env=None, out=None):
     """A worker (or proxy) process; its output lines collected in ``out``."""
-    proc = subprocess.Popen([sys.executable, "-m", "fmnist_sweep", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = Forked(args, env=env, merge=True)
     lines = out if out is not None else []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     return proc

@@ -3,8 +3,6 @@
 import datetime
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 import time
 
@@ -17,7 +15,7 @@ from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.sweep import load_sweep, sweep_names
-from tests.helpers import interruptible, lr_sweep, mlflow_runs, storage, sweep_file, trials
+from tests.helpers import Forked, lr_sweep, mlflow_runs, run_cli, storage, sweep_file, trials
 
 
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
@@ -251,9 +249,7 @@ def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdi
         params:
           optimizer.lr: choice(0.001, 0.002, 0.003, 0.004)
     """)
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    proc = subprocess.run([sys.executable, "-m", "fmnist_sweep", "workers", "-n", "2", f"sweep={sweep}",
-                           *tiny_overrides], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(["workers", "-n", "2", f"sweep={sweep}", *tiny_overrides])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[w1]" in proc.stdout
     done = [t for t in trials(workdir, "mine") if t.state == TrialState.COMPLETE]
@@ -261,11 +257,10 @@ def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdi
     assert len(done) <= 4 + 1  # up to workers - 1 more: the grid's last point, still running, drawn again
 
 
-def _start_and_stop_mid_trial(args, workdir, env, sig):
+def _start_and_stop_mid_trial(args, workdir, sig):
     """Start the study's command, send ``sig`` while its second trial trains (its MLflow run
     made, however slow the machine); the process."""
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
+    proc = Forked(args, workdir)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -291,25 +286,23 @@ def test_ctrl_c_then_kill_9_then_the_same_command_ends_the_study_at_once_to_its_
     after the heartbeat's grace period (120 s on the embedded default); both stopped
     configurations run again, the Ctrl-C'd one reported as interrupted; the study ends with its
     budget and no MLflow run left RUNNING."""
-    args = [sys.executable, "-m", "fmnist_sweep", f"sweep={lr_sweep(tmp_path, 4)}", *tiny_overrides,
-            "trainer.epochs=8"]
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    proc = _start_and_stop_mid_trial(args, workdir, env, signal.SIGINT)
+    args = [f"sweep={lr_sweep(tmp_path, 4)}", *tiny_overrides, "trainer.epochs=8"]
+    proc = _start_and_stop_mid_trial(args, workdir, signal.SIGINT)
     out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 130, out + err
     assert err.splitlines() == ["interrupted: the MLflow run is marked KILLED; a study resumes with the same command"]
     assert "Traceback" not in out and "no complete trials" not in out
     (stopped,) = [t for t in trials(workdir, "mine") if t.state == TrialState.FAIL]
 
-    assert _start_and_stop_mid_trial(args, workdir, env, signal.SIGKILL).returncode == -signal.SIGKILL
+    assert _start_and_stop_mid_trial(args, workdir, signal.SIGKILL).returncode == -signal.SIGKILL
     killed = next(t for t in trials(workdir, "mine") if t.state == TrialState.RUNNING)
     resumed = datetime.datetime.now()
-    done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli(args, workdir)
     assert done.returncode == 0, done.stderr
     assert "1 interrupted" in done.stdout
     ts = trials(workdir, "mine")
     # Failed by the resumed process's own recovery, before the heartbeat's grace period could have.
-    grace = compose(args[3:]).storage.grace_period
+    grace = compose(args).storage.grace_period
     failed_after = (ts[killed.number].datetime_complete - resumed).total_seconds()
     assert failed_after < grace, ("the resumed study waited for the heartbeat's grace period", failed_after, grace)
     counted = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -331,14 +324,12 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     interrupted, not failed, and no MLflow run stays RUNNING. One worker then finishes the budget."""
     sweep = lr_sweep(tmp_path, 3)
     line = [f"sweep={sweep}", *tiny_overrides, "trainer.epochs=8"]
-    env = dict(os.environ, PYTHONPATH=str(resource_dir("conf").parent))
-    proc = _start_and_stop_mid_trial([sys.executable, "-m", "fmnist_sweep", "workers", "-n", "2", *line], workdir,
-                                     env, signal.SIGTERM)
+    proc = _start_and_stop_mid_trial(["workers", "-n", "2", *line], workdir, signal.SIGTERM)
     out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 143, out + err
     assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
                                 "command"], err
-    assert "Traceback" not in out
+    assert "Traceback" not in out, out
     ts = trials(workdir, "mine")
     stopped = [t for t in ts if t.state == TrialState.FAIL]
     assert stopped and all(t.user_attrs.get("fmnist.interrupted") == t.number for t in stopped)
@@ -352,8 +343,7 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     assert stopped_runs and all(r.info.status == "KILLED" and "interrupted (SIGTERM)" in r.data.tags["fmnist.failure"]
                                 for r in stopped_runs)
 
-    done = subprocess.run([sys.executable, "-m", "fmnist_sweep", *line], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = run_cli(line, workdir)
     assert done.returncode == 0, done.stderr
     assert f"0 failed, {len(stopped)} interrupted" in done.stdout
     ts = trials(workdir, "mine")
