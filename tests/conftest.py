@@ -9,6 +9,12 @@ import pytest
 from tests.helpers import TINY, enter_workdir, free_port, wait_http, write_idx
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``first`` start first: the suite's longest waits (a budget that runs out by
+    design), so that the other tests run beside them instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)  # (a stable sort)
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     folder = tmp_path / "tiny-fmnist"

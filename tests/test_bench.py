@@ -1,4 +1,5 @@
-"""The benchmarks' --quick modes, so they do not rot (no timing is asserted)."""
+"""The benchmarks' --quick modes, so they do not rot (no timing is asserted). Those that start
+processes of their own run as scripts; the others in the test's process."""
 
 import re
 import subprocess
@@ -21,6 +22,25 @@ def bench_module(name):
     return mod
 
 
+def bench_here(name, *args, monkeypatch, capsys) -> str:
+    """``python bench/NAME.py --quick ARGS`` in this process (its imports are the suite's): its
+    standard output. What it changes is put back after: the current directory, $FMNIST_SWEEP_DIR
+    (some point it at a folder of their own) and torch's thread count."""
+    import os
+
+    import torch
+
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--quick", *args])
+    monkeypatch.chdir(os.getcwd())
+    monkeypatch.setenv("FMNIST_SWEEP_DIR", os.getcwd())
+    threads = torch.get_num_threads()
+    try:
+        bench_module(name).main()
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
 def bench(name, *args, cwd=None):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), "--quick", *args], capture_output=True,
                           text=True, timeout=600, cwd=cwd)
@@ -28,8 +48,9 @@ def bench(name, *args, cwd=None):
     return proc.stdout
 
 
-def test_train_throughput_quick():
-    out = bench("train_throughput.py", "--models", "cnn,rnn,resnet", "--profile", "cnn")
+def test_train_throughput_quick(monkeypatch, capsys):
+    out = bench_here("train_throughput", "--models", "cnn,rnn,resnet", "--profile", "cnn", monkeypatch=monkeypatch,
+                     capsys=capsys)
     assert "large-GEMM peak (GFLOP/s, matmul / 3x3 conv): fp32" in out and "baseline" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn ", "resnet "))}
     assert set(rows) == {"cnn", "rnn", "resnet"}
@@ -53,9 +74,9 @@ def test_throughput_baseline_is_built_from_torch_layers_only():
     assert fast.Dropout in kinds
 
 
-def test_trial_breakdown_quick(workdir, tiny_data):
-    out = bench("trial_breakdown.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                "data.train_fraction=1.0")
+def test_trial_breakdown_quick(workdir, tiny_data, monkeypatch, capsys):
+    out = bench_here("trial_breakdown", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
+                     "data.train_fraction=1.0", monkeypatch=monkeypatch, capsys=capsys)
     for bucket in ("train", "evaluate", "mlflow logging", "optuna storage", "artifact rendering", "mlflow model"):
         assert bucket in out
 
@@ -75,8 +96,8 @@ def test_orchestration_quick(workdir):
     assert "trial 0: COMPLETE" not in out  # the studies' own lines stay out of the table
 
 
-def test_model_logging_quick(workdir):
-    out = bench("model_logging.py")
+def test_model_logging_quick(workdir, monkeypatch, capsys):
+    out = bench_here("model_logging", monkeypatch=monkeypatch, capsys=capsys)
     (row,) = [line for line in out.splitlines() if line.startswith("cnn ")]
     assert row.count(" ms") == 2 and "first export in a process (cnn" in out
 
@@ -117,9 +138,10 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
     assert sorted(p.name.split("-")[0] for p in wheels.iterdir()) == ["hydra_core", "mlflow"]  # the image has the rest
 
 
-def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path):
-    out = bench("sweep_efficiency.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                "data.train_fraction=1.0", "--plot", str(tmp_path / "eff.png"))
+def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path, monkeypatch, capsys):
+    out = bench_here("sweep_efficiency", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
+                     "data.train_fraction=1.0", "--plot", str(tmp_path / "eff.png"), monkeypatch=monkeypatch,
+                     capsys=capsys)
     for arm in ("tpe + median pruner", "tpe, no pruning", "random, no pruning"):
         assert arm in out
     assert "epochs saved by pruning, median over 1 seed(s)" in out
@@ -150,14 +172,15 @@ def test_sweep_efficiency_replay_prunes_what_the_pruner_would():
     assert mod.epochs_to_reach(curve, 0.8 - 0.002) == 14
 
 
-def test_bf16_accuracy_quick(workdir, tiny_data):
-    out = bench("bf16_accuracy.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                "data.train_fraction=1.0")
+def test_bf16_accuracy_quick(workdir, tiny_data, monkeypatch, capsys):
+    out = bench_here("bf16_accuracy", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
+                     "data.train_fraction=1.0", monkeypatch=monkeypatch, capsys=capsys)
     assert "seed 0 fp32: val/accuracy" in out and "seed 0 bf16: val/accuracy" in out
     assert "points of val/accuracy on average over 1 seed(s)" in out
 
 
 def test_recipe_quick(workdir, tiny_data):
+    # (a script: its worker processes import it by name)
     out = bench("recipe.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
                 "data.train_fraction=1.0")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
@@ -169,8 +192,8 @@ def test_recipe_quick(workdir, tiny_data):
 
 
 
-def test_fast_paths_quick():
-    out = bench("fast_paths.py", "--models", "cnn,rnn")
+def test_fast_paths_quick(monkeypatch, capsys):
+    out = bench_here("fast_paths", "--models", "cnn,rnn", monkeypatch=monkeypatch, capsys=capsys)
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cnn ", "rnn "))}
     assert set(rows) == {"cnn", "rnn"}
     assert "dropout " in rows["cnn"]
@@ -188,8 +211,8 @@ def test_single_run_quick(workdir):
 
 
 def test_eval_batch_quick(tiny_data, monkeypatch, capsys):
-    """In this process (the bench's imports are the suite's): one row per family, a rate per size."""
-    monkeypatch.setattr(sys, "argv", ["eval_batch.py", "--quick", f"data.root={tiny_data}", "data.download=false"])
-    bench_module("eval_batch").main()
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("cnn ", "rnn "))]
+    """One row per family, a rate per size."""
+    out = bench_here("eval_batch", f"data.root={tiny_data}", "data.download=false", monkeypatch=monkeypatch,
+                     capsys=capsys)
+    rows = [line.split() for line in out.splitlines() if line.startswith(("cnn ", "rnn "))]
     assert [r[0] for r in rows] == ["cnn", "rnn"] and all(len(r) == 7 and r[2] == "1.00x" for r in rows)

@@ -6,6 +6,7 @@ import signal
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from tests.helpers import Forked, mlflow_runs, run_cli, storage
@@ -46,6 +47,7 @@ def _minimum_minutes(tiny_overrides, workdir) -> float:
     return float(minimum.group(1))
 
 
+@pytest.mark.first
 def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_the_deadline_and_resumes(
         tiny_overrides, workdir):
     """A budget below this machine's smallest plan: one line naming the minimum, exit 2, no study.
@@ -122,7 +124,6 @@ def test_a_budget_buys_the_widest_model_whose_final_models_train_long_enough(tin
     best.FINAL_EPOCHS epochs, else the one that trains them longest (here a machine where a
     width's speed goes as 1 / width², stood in at our own measurement seam); below the
     narrowest one's smallest plan, one line naming that minimum; widths the command sets are kept."""
-    import pytest
 
     from fmnist_sweep import best
     from fmnist_sweep.best_plan import Plan
