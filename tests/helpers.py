@@ -121,7 +121,10 @@ def free_port() -> int:
 # --- the CLI as a real process without an interpreter's start-up -------------------------------
 # What a command imports, once per test process: its forked commands import nothing again.
 FORK_PRELOAD = ["fmnist_sweep.cli", "fmnist_sweep.study", "fmnist_sweep.record", "fmnist_sweep.best",
-                "fmnist_sweep.workers", "torch._dynamo", "mlflow.pytorch", "tests.helpers"]
+                "fmnist_sweep.workers", "torch._dynamo", "torch.export", "mlflow.pytorch",
+                "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                "sklearn.metrics", "matplotlib.pyplot", "optuna.visualization", "optuna.visualization.matplotlib",
+                "tests.helpers"]
 
 
 class Forked:

@@ -76,10 +76,10 @@ def finished_runs(runs) -> list[int]:
 
 
 def test_four_workers_share_the_budget(dist):
-    proc = run_cli(["workers", "-n", "4", *dist.args, "study.n_trials=12"], dist.cwd, dist.env)
+    proc = run_cli(["workers", "-n", "4", *dist.args, "study.n_trials=8"], dist.cwd, dist.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[w3]" in proc.stdout and "worker exit codes [0, 0, 0, 0]" in proc.stdout
-    ts, children = check_record(dist, 12, workers=4)
+    ts, children = check_record(dist, 8, workers=4)
     assert len({t.user_attrs["worker"] for t in ts if t.state in COUNTED}) >= 2  # shared by workers
     # each worker draws its own points: one seed in every worker drew the same ones in lockstep
     counted = [t for t in ts if t.state in COUNTED]
