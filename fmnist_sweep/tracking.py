@@ -196,6 +196,7 @@ class Tracker:
         (training, validation, test) to a data.Split; each is named fashion-mnist-CONTEXT and
         told apart by its digest (data checksum and indices), so runs on other splits differ."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
         from mlflow.types import Schema, TensorSpec
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -206,7 +207,17 @@ class Tracker:
                                        schema, json.dumps({"num_rows": len(split)})),
                                [InputTag(MLFLOW_DATASET_CONTEXT, context)])
                   for context, split in splits.items()]
-        self.client.log_inputs(run_id, datasets=inputs)
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException as e:
+                # Runs that log the same new dataset at one moment (workers started together):
+                # MLflow looks it up, then inserts it, and all but one insert meet its key. Once
+                # that one is in, the same request links this run to it.
+                text = str(e).lower()
+                if attempt == 2 or "dataset" not in text or not ("unique" in text or "duplicate" in text):
+                    raise
 
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))

@@ -366,3 +366,38 @@ def test_three_workers_started_together_on_a_fresh_store(where, tiny_overrides, 
     client, runs = mlflow_runs(workdir, "mine")
     assert len([e for e in client.search_experiments() if e.name == "mine"]) == 1
     assert len([r for r in runs if r.data.tags.get("fmnist.role") == "study"]) == 1
+
+
+def test_runs_that_log_the_same_datasets_at_once_all_record_them(mlflow_server):
+    """Workers started together log the same data splits into a new experiment at the same
+    moment (MLflow looks a dataset up, then inserts it: the second insert of a pair meets the
+    first one's key): every run records its inputs, none fails."""
+    import uuid
+
+    import torch
+
+    from fmnist_sweep.data import Split
+    from fmnist_sweep.tracking import Tracker
+
+    n, name = 8, f"datasets-{uuid.uuid4().hex[:8]}"
+    trackers = [Tracker(mlflow_server, name) for _ in range(n)]
+    splits = {"training": Split(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64), "0123456789abcdef")}
+    runs = [t.start(f"run {i}", {}, {}) for i, t in enumerate(trackers)]
+    together, errors = threading.Barrier(n), []
+
+    def log(tracker, run_id):
+        together.wait()
+        try:
+            tracker.log_datasets(run_id, splits, "/nowhere")
+        except Exception as e:  # what a worker's trial would have failed with
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=pair) for pair in zip(trackers, runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    for run_id in runs:
+        assert [d.dataset.name for d in trackers[0].client.get_run(run_id).inputs.dataset_inputs] == [
+            "fashion-mnist-training"]
