@@ -51,9 +51,10 @@ def cli_child(argv: list[str], env: dict, out, err=None) -> None:
     cli.STARTED = time.time()  # the child's own start, not its module's import (possibly in the server)
     os.environ.clear()
     os.environ.update(env)
-    for fd, sock in ((1, out), (2, err or out)):
-        os.dup2(sock.fileno(), fd)
-    for sock in {out, err or out}:
+    err = err or out
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    for sock in {out, err}:
         sock.close()
     stop_on_signals()
     sys.exit(cli.main(argv))

@@ -207,17 +207,16 @@ class Tracker:
                                        schema, json.dumps({"num_rows": len(split)})),
                                [InputTag(MLFLOW_DATASET_CONTEXT, context)])
                   for context, split in splits.items()]
-        for attempt in range(3):
-            try:
-                self.client.log_inputs(run_id, datasets=inputs)
-                return
-            except MlflowException as e:
-                # Runs that log the same new dataset at one moment (workers started together):
-                # MLflow looks it up, then inserts it, and all but one insert meet its key. Once
-                # that one is in, the same request links this run to it.
-                text = str(e).lower()
-                if attempt == 2 or "dataset" not in text or not ("unique" in text or "duplicate" in text):
-                    raise
+        try:
+            self.client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as e:
+            # Runs that log the same new dataset at one moment (workers started together): MLflow
+            # looks it up, then inserts it, and all but one insert meet its key. That one is in
+            # now: the same request links this run to it.
+            text = str(e).lower()
+            if "dataset" not in text or not ("unique" in text or "duplicate" in text):
+                raise
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_sweep import forks
 from fmnist_sweep.data import FILES
 
 REAL_DATA = Path(os.environ.get("FMNIST_REAL_DATA", "/usr/share/datasets/fashion-mnist"))
@@ -119,12 +120,12 @@ def free_port() -> int:
 
 
 # --- the CLI as a real process without an interpreter's start-up -------------------------------
-# What a command imports, once per test process: its forked commands import nothing again.
-FORK_PRELOAD = ["fmnist_sweep.cli", "fmnist_sweep.study", "fmnist_sweep.record", "fmnist_sweep.best",
-                "fmnist_sweep.workers", "torch._dynamo", "torch.export", "mlflow.pytorch",
-                "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
-                "sklearn.metrics", "matplotlib.pyplot", "optuna.visualization", "optuna.visualization.matplotlib",
-                "tests.helpers"]
+# What a command imports, once per test process: a run's process's (forks.PRELOAD), and what the
+# commands import later (their record, report and model export), so that forked ones import nothing.
+FORK_PRELOAD = [*forks.PRELOAD, "fmnist_sweep.cli", "fmnist_sweep.best", "fmnist_sweep.workers", "torch.export",
+                "mlflow.pytorch", "mlflow.store.tracking.sqlalchemy_store",
+                "mlflow.store.model_registry.sqlalchemy_store", "sklearn.metrics", "matplotlib.pyplot",
+                "optuna.visualization", "optuna.visualization.matplotlib", "tests.helpers"]
 
 
 class Forked:
@@ -159,7 +160,7 @@ class Forked:
         return self.process.exitcode
 
     def poll(self) -> int | None:
-        return self.process.exitcode
+        return self.returncode
 
     def send_signal(self, sig) -> None:
         os.kill(self.pid, sig)
@@ -205,8 +206,6 @@ def run_cli(args: list[str], cwd=None, env: dict | None = None, timeout: float =
 
 def _cli_child(argv, cwd, env, out, err) -> None:
     import signal
-
-    from fmnist_sweep import forks
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal
     os.chdir(cwd)
