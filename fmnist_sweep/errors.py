@@ -23,18 +23,43 @@ class Stopped(KeyboardInterrupt):
         super().__init__(self.name)
 
 
+_pending: int | None = None  # the stop signal taken, until raise_if_stopped raises it again
+
+
 def stop_on_signals() -> None:
     """SIGTERM and SIGHUP (what schedulers, `docker stop`, `kill` and a closed terminal send)
     raise Stopped in the main thread; a second one during the clean-up is ignored, so
-    only SIGKILL cuts it short."""
+    only SIGKILL cuts it short. Ctrl-C raises KeyboardInterrupt as Python's own handler does.
+    Each is also kept for raise_if_stopped."""
     def stop(signum, _frame):
+        global _pending
+        _pending = signum
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         raise Stopped(signum)
 
+    def interrupt(signum, frame):
+        global _pending
+        _pending = signum
+        signal.default_int_handler(signum, frame)
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup ignores SIGHUP: it stays ignored)
             signal.signal(sig, stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (a background job's stays ignored)
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def raise_if_stopped() -> None:
+    """Raise once more a stop that a signal raised where Python drops exceptions: a signal that
+    lands while the interpreter runs a finalizer (a __del__, or a weakref callback such as
+    SQLAlchemy's during garbage collection) has its exception printed as "Exception ignored" and
+    the process goes on. The training and evaluation loops call this every batch; where the first
+    exception was not dropped, the process is already stopping and never gets here."""
+    global _pending
+    if _pending is not None:
+        signum, _pending = _pending, None
+        raise Stopped(signum) if signum != signal.SIGINT else KeyboardInterrupt()
 
 
 def stop_signal(e: KeyboardInterrupt) -> int:

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoints
 from . import data as fmnist
-from .errors import UserError
+from .errors import UserError, raise_if_stopped
 from .hardware import compile_for_training, select_device, select_precision
 
 @dataclass
@@ -55,6 +55,7 @@ def train_epoch(model, optimizer, split, batch_size, generator, autocast, channe
     model.train()
     loss_sum = torch.zeros((), device=split.x.device)
     for step, (x, y) in enumerate(split.batches(batch_size, generator)):
+        raise_if_stopped()
         if augment:
             x = fmnist.augment(x, **augment)
         if channels_last:
@@ -107,6 +108,7 @@ def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=Fal
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     outputs = []
     for x, y in split.batches(batch_size):
+        raise_if_stopped()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -132,9 +134,8 @@ def evaluate(model, split, batch_size, autocast, channels_last, keep_outputs=Fal
 
 
 def make_optimizer(cfg_optimizer: DictConfig, params):
-    """The configured optimizer, with its fused (one kernel for all parameters) or
-    foreach (batched) implementation where torch has one: same mathematics, fewer ops
-    per step than the per-parameter loop torch uses on a CPU by default."""
+    """The configured optimizer in its fused (one kernel for all parameters) or foreach (batched)
+    implementation where torch has one: torch's CPU default's mathematics in fewer ops per step."""
     params = list(params)
     partial = instantiate(cfg_optimizer)
     for fast in ({"fused": True}, {"foreach": True}):
@@ -196,7 +197,7 @@ class Built:
 
 
 def build(cfg: DictConfig, pretrained: str | None = None) -> Built:
-    """Config -> data, model (CPU: conv + activation fused), optimizer, precision.
+    """Config -> data, model, optimizer, precision.
     ``pretrained``: the state_dict file of model.pretrained, already resolved (record.pretrained)."""
     device = select_device(cfg.trainer.device)
     data = dataset(cfg.data, device)
@@ -287,9 +288,7 @@ def _epoch(b: Built, bar, epoch: int, n_batches: int, generator, scheduler, augm
         val = evaluate(b.evaluated, b.data.val, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
         if not math.isfinite(val["loss"]):
             raise Diverged(f"validation loss became {val['loss']}")
-        metrics["val/loss"] = val["loss"]
-        if b.model.task == "classify":
-            metrics["val/accuracy"] = val["accuracy"]
+        metrics.update({f"val/{k}": v for k, v in val.items()})  # loss, and a classifier's accuracy
     bar.remove_task(task)
     metrics.update({"lr": b.optimizer.param_groups[0]["lr"], "perf/images_per_s": len(b.data.train) / train_seconds,
                     "perf/epoch_seconds": time.perf_counter() - t0})

@@ -57,6 +57,22 @@ def mlflow_runs(workdir: Path, experiment="fmnist-sweep"):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+def epochs_logged(workdir: Path, role: str = "trial") -> dict[str, int]:
+    """Epochs logged so far by each trial's run (keyed by trial number) or, with role="final", each
+    final model's run (keyed by run id), read straight from MLflow's SQLite store (read-only: never
+    making its file or tables beside the command): cheap enough to poll every few milliseconds."""
+    import sqlite3
+
+    key, where = (("t.value", "t.key = 'optuna.trial_number'") if role == "trial" else
+                  ("m.run_uuid", "t.key = 'fmnist.role' and t.value = 'final'"))
+    try:
+        with sqlite3.connect(f"file:{workdir / 'mlruns.db'}?mode=ro", uri=True, timeout=1) as db:
+            return dict(db.execute(f"select {key}, count(*) from metrics m join tags t on m.run_uuid = t.run_uuid "
+                                   f"where m.key = 'train/loss' and {where} group by m.run_uuid").fetchall())
+    except sqlite3.OperationalError:  # no store, or no tables yet
+        return {}
+
+
 def storage(workdir):
     """The embedded default's study storage in a work dir."""
     return f"sqlite:///{workdir / 'studies.db'}"

@@ -3,38 +3,27 @@ the same configuration trained without a stop ends."""
 
 import shlex
 import signal
-import sqlite3
 import time
 
 import pytest
 from optuna.trial import TrialState
 
 from fmnist_sweep.cli import main
-from tests.helpers import Forked, lr_sweep, mlflow_runs, trials
+from tests.helpers import Forked, epochs_logged, lr_sweep, mlflow_runs, trials
 
 EPOCHS = 20
-
-
-def _epochs_logged(workdir, role: str) -> int:
-    """Epochs the first trial's (or final model's) run has logged, read straight from MLflow's
-    SQLite store: cheap enough to poll every few milliseconds on any machine."""
-    tag = ("t.key = 'optuna.trial_number'" if role == "trial" else "t.key = 'fmnist.role' and t.value = 'final'")
-    try:
-        with sqlite3.connect(f"file:{workdir / 'mlruns.db'}?mode=ro", uri=True, timeout=1) as db:
-            rows = db.execute(f"select m.run_uuid, count(*) from metrics m join tags t on m.run_uuid = t.run_uuid "
-                              f"where m.key = 'train/loss' and {tag} group by m.run_uuid").fetchall()
-    except sqlite3.OperationalError:  # no store, or no tables yet
-        return 0
-    return max((n for _, n in rows), default=0)
 
 
 def _stop_after_epoch(args, workdir, epochs: int, role="trial") -> Forked:
     """Start the command; SIGTERM it once its (first) trial's or final model's run has logged
     ``epochs`` epochs."""
     proc = Forked(args, workdir)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and _epochs_logged(workdir, role) < epochs:
+    deadline, seen = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None:
+        if (seen := max(epochs_logged(workdir, role).values(), default=0)) >= epochs:
+            break
         time.sleep(0.01)
+    assert proc.poll() is None, (f"the command ended with {seen} of {epochs} epochs seen", proc.communicate(10))
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     return proc

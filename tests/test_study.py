@@ -1,8 +1,10 @@
 """Studies through the CLI on tiny data, checked in the Optuna storage and the MLflow store."""
 
+import contextlib
 import datetime
 import os
 import signal
+import subprocess
 from pathlib import Path
 import time
 
@@ -15,7 +17,7 @@ from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.sweep import load_sweep, sweep_names
-from tests.helpers import Forked, lr_sweep, mlflow_runs, run_cli, storage, sweep_file, trials
+from tests.helpers import Forked, epochs_logged, lr_sweep, mlflow_runs, run_cli, storage, sweep_file, trials
 
 
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
@@ -258,24 +260,44 @@ def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdi
 
 
 def _start_and_stop_mid_trial(args, workdir, sig):
-    """Start the study's command, send ``sig`` while its second trial trains (its MLflow run
-    made, however slow the machine); the process."""
+    """Start the study's command, send ``sig`` while a trial after a complete one trains (its
+    MLflow run has logged an epoch), however slow the machine; the process. The trial's other
+    epochs, test pass and record are the test's window: each look is one query per store."""
     proc = Forked(args, workdir)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            ts = trials(workdir, "mine")
-        except KeyError:
-            ts = []
-        running = [t.number for t in ts if t.state == TrialState.RUNNING and t.params]
-        if running and any(t.state == TrialState.COMPLETE for t in ts) and any(
-                r.data.tags.get("optuna.trial_number") == str(running[0]) for r in mlflow_runs(workdir, "mine")[1]):
+    deadline, study = time.time() + 120, None
+    while proc.poll() is None and time.time() < deadline:
+        study = study or _study(workdir, "mine")
+        ts = study.get_trials(deepcopy=False) if study else []
+        logged = epochs_logged(workdir)
+        if any(t.state == TrialState.COMPLETE for t in ts) and any(
+                t.state == TrialState.RUNNING and logged.get(str(t.number)) for t in ts):
+            proc.send_signal(sig)
             break
-        time.sleep(0.1)
-    time.sleep(0.3)
-    proc.send_signal(sig)
-    proc.wait(60)
+        time.sleep(0.02)
+    else:
+        if proc.poll() is None:
+            proc.kill()
+        raise AssertionError(f"the command ended or ran 120 s before a trial could be stopped: {proc.communicate(10)}")
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{signal.Signals(sig).name} did not end the command in 60 s: {proc.communicate(10)}")
     return proc
+
+
+def _study(workdir, name):
+    """The study once the command has made it (asked read-only first: loading it before the
+    command made its tables would make them beside the command), else None."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{workdir / 'studies.db'}?mode=ro", uri=True) as db:
+            if not db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchall():
+                return None
+    except sqlite3.OperationalError:  # no file or no tables yet
+        return None
+    return optuna.load_study(study_name=name, storage=storage(workdir))
 
 
 def test_ctrl_c_then_kill_9_then_the_same_command_ends_the_study_at_once_to_its_budget(tiny_overrides, workdir,
@@ -349,6 +371,50 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     ts = trials(workdir, "mine")
     assert len([t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) >= 3
     assert not [r for r in mlflow_runs(workdir, "mine")[1] if r.info.status == "RUNNING"]
+
+
+def _stopped_in_a_finalizer(ready) -> None:
+    """A process that takes stop signals as a command does, is signalled while a finalizer runs
+    (where Python drops the exception: "Exception ignored in ..."), then trains; its exit code is
+    128 + the signal its training stopped on, or 0 if it trained to the end."""
+    from fmnist_sweep import errors
+    from fmnist_sweep.data import Split
+    from fmnist_sweep.models.cnn import CNN
+    from fmnist_sweep.train import train_epoch
+
+    errors.stop_on_signals()
+
+    class Finalized:
+        def __del__(self):
+            ready.set()
+            time.sleep(5)  # the signal lands here
+
+    Finalized()
+    model = CNN(widths=(4,), dropouts=0.1)
+    split = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    try:
+        train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01), split, 8, torch.Generator(),
+                    contextlib.nullcontext, False, lambda *_: None)
+    except KeyboardInterrupt as e:
+        os._exit(128 + errors.stop_signal(e))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_that_lands_in_a_finalizer_still_stops_the_training(sig):
+    """Python drops an exception raised in a finalizer (garbage collection runs SQLAlchemy's weakref
+    callbacks at any moment): the training's next batch raises the stop instead."""
+    from fmnist_sweep import forks
+
+    ctx = forks.context()
+    ready = ctx.Event()
+    proc = ctx.Process(target=_stopped_in_a_finalizer, args=(ready,))
+    proc.start()
+    assert ready.wait(60)
+    time.sleep(0.2)  # inside the finalizer's sleep
+    os.kill(proc.pid, sig)
+    proc.join(60)
+    assert proc.exitcode == 128 + sig
 
 
 def test_read_only_commands_leave_the_record_as_it_was(tiny_overrides, workdir, tmp_path, capsys):
