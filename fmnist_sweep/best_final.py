@@ -60,7 +60,8 @@ def run_waves(study, trial, epochs: int, plan, deadline: float) -> None:
     line = final_line(trial, epochs)
     for k, threads in waves(len(todo), len(plan.cores)):
         batch, todo = todo[:k], todo[k:]
-        jobs = [{"seed": s, "line": line, "cores": plan.cores[i * threads:(i + 1) * threads], "deadline": deadline,
+        jobs = [{"seed": s, "line": line, "cores": plan.cores[i * threads:(i + 1) * threads],
+                 "deadline": deadline - plan.final_tail_seconds(threads),
                  "study": study.name, "parent": study.parent_run_id, "trial": trial.number}
                 for i, s in enumerate(batch)]
         print(f"final: seeds {batch} at once, {threads} thread{'s' if threads > 1 else ''} each", flush=True)

@@ -168,10 +168,15 @@ class Plan:
 
     def final_fixed_seconds(self) -> float:
         """Seconds of the final runs beside their epochs, wave after wave: each run's process start
-        and record, and its test pass (with the test-time shifts' views)."""
+        and record, and its test pass."""
+        return sum(self.speed["startup"] + self.final_tail_seconds(t) for _, t in self.waves)
+
+    def final_tail_seconds(self, threads: int) -> float:
+        """Seconds of a final run with ``threads`` threads after its last epoch: its test pass (with
+        the test-time shifts' views) and its record. Its training stops that long before the deadline."""
         views = 5 if self.cfg.trainer.test_shift else 1  # the speed is measured with the mirror's views only
-        test = sum(views * self.speed["n_test"] / self.speed["threads"][t]["eval"] for _, t in self.waves)
-        return len(self.waves) * run_overhead(self.speed) + test
+        measured = self.speed["threads"]  # (1 thread always: a resumed session's last wave may have more)
+        return views * self.speed["n_test"] / measured.get(threads, measured[1])["eval"] + RECORD_OVERHEAD
 
     def final_epoch_seconds(self) -> float:
         """Seconds per epoch of all the final runs together, wave after wave."""
