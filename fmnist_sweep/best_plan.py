@@ -27,7 +27,8 @@ SEARCH_END = 15.0      # s from the search's deadline to the "study ..." line: r
 
 def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> dict:
     """Training and evaluation images/s of a built run with ``threads`` threads: a warm-up
-    batch, ``ready()``, then training batches for about ``seconds``, then a flip-averaged evaluation."""
+    batch, ``ready()``, then training batches for about ``seconds``, then a warm-up evaluation batch
+    and a flip-averaged evaluation of whole batches."""
     torch.set_num_threads(threads)
     tcfg, gen = b.cfg.trainer, torch.Generator().manual_seed(0)
     augment = train.augment_args(tcfg)
@@ -45,8 +46,10 @@ def _speed(b: train.Built, threads: int, seconds: float, ready=lambda: None) -> 
         step()
         n += len(batch)
     train_ips = n / (time.perf_counter() - t0)
-    part = fmnist.Split(x[:512], y[:512])  # (training images: never the test split)
-    train.evaluate(b.model, part, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
+    size = min(tcfg.eval_batch_size, 512)
+    n = 512 - 512 % size  # whole evaluation batches of training images (never the test split)
+    part = fmnist.Split(x[:n], y[:n])
+    train.evaluate(b.model, fmnist.Split(x[:size], y[:size]), size, b.autocast, b.channels_last)  # warm-up: one batch
     t0 = time.perf_counter()
     train.evaluate(b.model, part, tcfg.eval_batch_size, b.autocast, b.channels_last, flip=tcfg.eval_flip)
     return {"train": train_ips, "eval": len(part) / (time.perf_counter() - t0)}
