@@ -96,15 +96,18 @@ def _best_rate(fn, flops, reps=4, tries=5) -> float:
     return best
 
 
-def peak_gflops(dtype, n=2048) -> dict:
+def peak_gflops(dtype, quick=False) -> dict:
     """What the cores do on large GEMMs: a 2048^2 matmul (torch.mm: MKL for fp32) and a
     256-channel 3x3 convolution at 56x56 (oneDNN's implicit GEMM, channels_last); the
-    better of the two is the peak. (MKL's fp32 sgemm runs at half speed on some AMD CPUs.)"""
+    better of the two is the peak. (MKL's fp32 sgemm runs at half speed on some AMD CPUs.)
+    ``quick``: a 1024^2 matmul and one image, timed twice, to check that it runs."""
+    n, images, reps, tries = (1024, 1, 1, 2) if quick else (2048, 4, 4, 5)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    x = torch.randn(4, 256, 56, 56, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(images, 256, 56, 56, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    out = {"matmul": _best_rate(lambda: a @ b, 2 * n ** 3),
-           "conv": _best_rate(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 4 * 56 * 56 * 256 * 256 * 9)}
+    out = {"matmul": _best_rate(lambda: a @ b, 2 * n ** 3, reps, tries),
+           "conv": _best_rate(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * images * 56 * 56 * 256 * 256 * 9,
+                              reps, tries)}
     out["peak"] = max(out.values())
     return out
 
@@ -200,11 +203,11 @@ def main():
     # Throughput does not depend on pixel values: random images of the real shape.
     images = rng.integers(0, 256, size=(args.images, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=args.images).astype(np.int64)
-    measured = {"fp32": peak_gflops(torch.float32)}
+    measured = {"fp32": peak_gflops(torch.float32, args.quick)}
     # Without bf16 units a bf16 GEMM is emulated (minutes); where they are slow (Intel without
     # AMX) their peak shows why the default is fp32.
     if {"avx512_bf16", "amx_bf16"} & set(fast.cpuinfo_field("flags").split()):
-        measured["bf16"] = peak_gflops(torch.bfloat16)
+        measured["bf16"] = peak_gflops(torch.bfloat16, args.quick)
     peaks = {k: v["peak"] for k, v in measured.items()}
     print(f"threads {torch.get_num_threads()}, {args.images} images x {args.windows} windows, CPU fast bf16: "
           f"{cpu_has_fast_bf16()}; large-GEMM peak (GFLOP/s, matmul / 3x3 conv): "
