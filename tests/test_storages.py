@@ -92,8 +92,10 @@ def test_grpc_proxy_study_goes_on_past_a_killed_worker_and_a_restarted_proxy(tin
     def trials():
         return optuna.load_study(study_name="mine", storage=database).trials
 
+    # Pauses of 2..10 s outlast a restart. A trial the proxy's death cut off inside Optuna's ask has no
+    # owner: the study's end waits storage.grace_period after it started (120 s by default), here 20 s.
     args = [f"sweep={lr_sweep(tmp_path, 8)}", "storage=grpc", f"storage.proxy.port={port}",
-            "storage.retry_pause=2", *tiny_overrides, "trainer.epochs=3"]  # pauses of 2..10 s outlast a restart
+            "storage.retry_pause=2", "storage.grace_period=20", *tiny_overrides, "trainer.epochs=3"]
     try:
         killed = kill_in_a_trial(args, trials)
         outputs = [[], []]
