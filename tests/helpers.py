@@ -57,20 +57,36 @@ def mlflow_runs(workdir: Path, experiment="fmnist-sweep"):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def epochs_logged(workdir: Path, role: str = "trial") -> dict[str, int]:
-    """Epochs logged so far by each trial's run (keyed by trial number) or, with role="final", each
-    final model's run (keyed by run id), read straight from MLflow's SQLite store (read-only: never
-    making its file or tables beside the command): cheap enough to poll every few milliseconds."""
+def _read_only(db: Path, sql: str, args: tuple = ()) -> list | None:
+    """The rows of ``sql`` on the SQLite file ``db``, opened read-only (never making the file or its
+    tables beside the command that owns it); None while it has neither."""
     import sqlite3
 
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:
+        return None
+
+
+def epochs_logged(workdir: Path, role: str = "trial") -> dict[str, int]:
+    """Epochs logged so far by each trial's run (keyed by trial number) or, with role="final", each
+    final model's run (keyed by run id), read straight from MLflow's SQLite store: cheap enough to
+    poll every few milliseconds."""
     key, where = (("t.value", "t.key = 'optuna.trial_number'") if role == "trial" else
                   ("m.run_uuid", "t.key = 'fmnist.role' and t.value = 'final'"))
-    try:
-        with sqlite3.connect(f"file:{workdir / 'mlruns.db'}?mode=ro", uri=True, timeout=1) as db:
-            return dict(db.execute(f"select {key}, count(*) from metrics m join tags t on m.run_uuid = t.run_uuid "
-                                   f"where m.key = 'train/loss' and {where} group by m.run_uuid").fetchall())
-    except sqlite3.OperationalError:  # no store, or no tables yet
-        return {}
+    return dict(_read_only(workdir / "mlruns.db", f"select {key}, count(*) from metrics m join tags t on "
+                           f"m.run_uuid = t.run_uuid where m.key = 'train/loss' and {where} group by m.run_uuid") or [])
+
+
+def made_study(workdir: Path, name: str):
+    """The study ``name`` of the work dir's embedded storage once a command has made it, else None
+    (loaded only then: loading it first would make its tables beside the command)."""
+    import optuna
+
+    if not _read_only(workdir / "studies.db", "SELECT 1 FROM studies WHERE study_name = ?", (name,)):
+        return None
+    return optuna.load_study(study_name=name, storage=storage(workdir))
 
 
 def storage(workdir):
@@ -209,6 +225,30 @@ class Forked:
         for s in self._sockets:
             s.close()
         return got.get(self.stdout, ""), got.get(self.stderr) if self.stderr else None
+
+
+def stop_when(proc: "Forked", ready, sig, seconds: float = 120) -> None:
+    """Send ``sig`` to ``proc`` as soon as ``ready()`` holds, then wait for it to end. An
+    AssertionError with its output where it ended first, ``ready()`` did not hold within
+    ``seconds``, or the signal did not end it within 60 s."""
+    import signal
+    import subprocess
+    import time
+
+    deadline = time.time() + seconds
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            raise AssertionError(f"the command ended, or ran {seconds:.0f} s, before it could be stopped: "
+                                 f"{proc.communicate(10)}")
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{signal.Signals(sig).name} did not end the command in 60 s: {proc.communicate(10)}")
 
 
 def run_cli(args: list[str], cwd=None, env: dict | None = None, timeout: float = 600):

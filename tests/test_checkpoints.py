@@ -3,13 +3,12 @@ the same configuration trained without a stop ends."""
 
 import shlex
 import signal
-import time
 
 import pytest
 from optuna.trial import TrialState
 
 from fmnist_sweep.cli import main
-from tests.helpers import Forked, epochs_logged, lr_sweep, mlflow_runs, trials
+from tests.helpers import Forked, epochs_logged, lr_sweep, mlflow_runs, stop_when, trials
 
 EPOCHS = 20
 
@@ -18,14 +17,7 @@ def _stop_after_epoch(args, workdir, epochs: int, role="trial") -> Forked:
     """Start the command; SIGTERM it once its (first) trial's or final model's run has logged
     ``epochs`` epochs."""
     proc = Forked(args, workdir)
-    deadline, seen = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        if (seen := max(epochs_logged(workdir, role).values(), default=0)) >= epochs:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, (f"the command ended with {seen} of {epochs} epochs seen", proc.communicate(10))
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    stop_when(proc, lambda: max(epochs_logged(workdir, role).values(), default=0) >= epochs, signal.SIGTERM, 300)
     return proc
 
 

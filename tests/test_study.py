@@ -4,7 +4,6 @@ import contextlib
 import datetime
 import os
 import signal
-import subprocess
 from pathlib import Path
 import time
 
@@ -17,7 +16,8 @@ from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.sweep import load_sweep, sweep_names
-from tests.helpers import Forked, epochs_logged, lr_sweep, mlflow_runs, run_cli, storage, sweep_file, trials
+from tests.helpers import (Forked, epochs_logged, lr_sweep, made_study, mlflow_runs, run_cli, stop_when,
+                           storage, sweep_file, trials)
 
 
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
@@ -263,41 +263,18 @@ def _start_and_stop_mid_trial(args, workdir, sig):
     """Start the study's command, send ``sig`` while a trial after a complete one trains (its
     MLflow run has logged an epoch), however slow the machine; the process. The trial's other
     epochs, test pass and record are the test's window: each look is one query per store."""
-    proc = Forked(args, workdir)
-    deadline, study = time.time() + 120, None
-    while proc.poll() is None and time.time() < deadline:
-        study = study or _study(workdir, "mine")
-        ts = study.get_trials(deepcopy=False) if study else []
+    proc, made = Forked(args, workdir), []
+
+    def mid_trial() -> bool:
+        if not made and (study := made_study(workdir, "mine")):
+            made.append(study)
+        ts = made[0].get_trials(deepcopy=False) if made else []
         logged = epochs_logged(workdir)
-        if any(t.state == TrialState.COMPLETE for t in ts) and any(
-                t.state == TrialState.RUNNING and logged.get(str(t.number)) for t in ts):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.02)
-    else:
-        if proc.poll() is None:
-            proc.kill()
-        raise AssertionError(f"the command ended or ran 120 s before a trial could be stopped: {proc.communicate(10)}")
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{signal.Signals(sig).name} did not end the command in 60 s: {proc.communicate(10)}")
+        return any(t.state == TrialState.COMPLETE for t in ts) and any(
+            t.state == TrialState.RUNNING and logged.get(str(t.number)) for t in ts)
+
+    stop_when(proc, mid_trial, sig)
     return proc
-
-
-def _study(workdir, name):
-    """The study once the command has made it (asked read-only first: loading it before the
-    command made its tables would make them beside the command), else None."""
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{workdir / 'studies.db'}?mode=ro", uri=True) as db:
-            if not db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchall():
-                return None
-    except sqlite3.OperationalError:  # no file or no tables yet
-        return None
-    return optuna.load_study(study_name=name, storage=storage(workdir))
 
 
 def test_ctrl_c_then_kill_9_then_the_same_command_ends_the_study_at_once_to_its_budget(tiny_overrides, workdir,
