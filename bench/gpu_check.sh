@@ -2,11 +2,12 @@
 # The GPU check: the `gpu` tests and the GPU figures on one CUDA machine (a few minutes),
 # its report as Markdown in REPORT_DIR/gpu_check.md.
 #
-#   bash bench/gpu_check.sh REPORT_DIR            after `make setup` with a CUDA torch
+#   bash bench/gpu_check.sh REPORT_DIR [ARGS]     after `make setup` with a CUDA torch; ARGS go to
+#        bench/gpu_throughput.py (e.g. `--seconds 2 --per-gpu 1,4` to fit a short lease)
 #   bash bench/gpu_check.sh --prepare DIR         here, with a package index: DIR holds the
 #        wheels for Python 3.12 (every dependency but torch) and a slice of the real data,
 #        for a GPU machine without an index
-#   bash bench/gpu_check.sh --from DIR REPORT_DIR on that machine: installs from DIR into
+#   bash bench/gpu_check.sh --from DIR REPORT_DIR [ARGS]  on that machine: installs from DIR into
 #        its python3 (its torch kept), then runs the check
 #
 # Without a CUDA device it says so in one line and exits 0.
@@ -45,7 +46,8 @@ if [ "${1:-}" = "--from" ]; then
   PY=python3
 fi
 
-out=${1:?usage: bench/gpu_check.sh REPORT_DIR}
+out=${1:?usage: bench/gpu_check.sh REPORT_DIR [gpu_throughput.py ARGS]}
+shift
 mkdir -p "$out"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "no CUDA device here: the GPU check did nothing"
@@ -63,11 +65,13 @@ report="$out/gpu_check.md"
   echo "## pytest -m gpu"
   echo
   echo '```'
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 || true
+  # capped, so that a hung test still leaves the figures below their time
+  timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$out/pytest_gpu.log" 2>&1 || true
+  tail -15 "$out/pytest_gpu.log"
   echo '```'
   echo
   echo "## Throughput and packing (bench/gpu_throughput.py)"
   echo
-  "$PY" bench/gpu_throughput.py 2>&1 || true
+  "$PY" bench/gpu_throughput.py "$@" 2>&1 || true
 } | tee "$report"
 echo "report: $report"

@@ -53,7 +53,7 @@ def engine_rate(family: str, x, y, seconds: float, mode: str | None = None) -> t
         lambda: torch.autocast("cuda", enabled=False))
     split = Split(x.to(device), y.to(device))
     generator = torch.Generator().manual_seed(0)
-    stepped = compile_for_training(model, mode) or model
+    stepped = model if mode is None else compile_for_training(model, mode)  # a module has no truth value
     epoch = lambda: train_epoch(stepped, optimizer, split, BATCH[family], generator, autocast, False,  # noqa: E731
                                 lambda *a: None)
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """The Keras study's BiLSTM: each image row is one time step."""
 
+import torch
 from torch import nn
 
 from . import Classifier, Dropout
@@ -23,9 +24,11 @@ class BiLSTM(Classifier):
 
     def logits(self, x):
         seq = x.flatten(1, 2)
-        for lstm in self.lstms[:-1]:
+        for lstm in self.lstms:
             seq, _ = lstm(seq)
-        # Keras' Bidirectional(return_sequences=False) concatenates the forward
-        # direction's last state with the backward direction's final state.
-        _, (h, _) = self.lstms[-1](seq)
-        return self.head(h.transpose(0, 1).flatten(1))
+        # Keras' Bidirectional(return_sequences=False) concatenates the forward direction's
+        # last state with the backward direction's final state: the forward half of the last
+        # step's output and the backward half of the first's (the sequence, not h_n, since
+        # torch.export of some releases miscomputes h_n's shape at a dynamic batch size).
+        half = seq.shape[2] // 2
+        return self.head(torch.cat((seq[:, -1, :half], seq[:, 0, half:]), 1))
