@@ -17,8 +17,10 @@ MINIMUM = re.compile(r"error: budget 0m03s is below the smallest plan on this ma
 
 def _command(tiny_overrides, minutes: float):
     line = [o for o in tiny_overrides if not o.startswith("trainer.epochs=")]
-    # A search share that leaves both the interrupted and the resumed session some search time.
-    return ["+experiment=best", f"budget.minutes={minutes:g}", "budget.search_share=0.4", *line, "trainer.epochs=3"]
+    # A search share that leaves both the interrupted and the resumed session some search time;
+    # two seeds: one wave of final runs on two cores, the smallest plan that still averages seeds.
+    return ["+experiment=best", f"budget.minutes={minutes:g}", "budget.search_share=0.3", "budget.seeds=2", *line,
+            "trainer.epochs=3"]
 
 
 def _interrupt_after_first_trial(args, workdir) -> tuple[float, str]:
@@ -48,12 +50,12 @@ def _minimum_minutes(tiny_overrides, workdir) -> float:
 
 
 @pytest.mark.first
-def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_the_deadline_and_resumes(
+def test_budget_below_the_minimum_says_so_then_just_above_it_registers_by_the_deadline_and_resumes(
         tiny_overrides, workdir):
     """A budget below this machine's smallest plan: one line naming the minimum, exit 2, no study.
-    Twice that minimum, Ctrl-C'd after its first trial and run again: three final seeds, a
+    1.5 times that minimum, Ctrl-C'd after its first trial and run again: two final seeds, a
     registered model, both sessions within the budget by the clock the study keeps."""
-    budget_s = 2 * 60 * _minimum_minutes(tiny_overrides, workdir)
+    budget_s = 1.5 * 60 * _minimum_minutes(tiny_overrides, workdir)
     args = _command(tiny_overrides, budget_s / 60)
     first_s, first = _interrupt_after_first_trial(args, workdir)
     assert "plan: 2 cores;" in first or "plan: 1 core;" in first
@@ -87,11 +89,11 @@ def test_budget_below_the_minimum_says_so_then_twice_the_minimum_registers_by_th
     for number in done_first:
         assert len([r for r in runs if r.data.tags.get("optuna.trial_number") == str(number)]) == 1
 
-    # Three seeds planned; on a machine slower than it measured, the deadline may cut one, which says so.
+    # Two seeds planned; on a machine slower than it measured, the deadline may cut one, which says so.
     finals = [r for r in runs if r.data.tags.get("fmnist.role") == "final" and r.info.status == "FINISHED"]
     seeds = sorted(r.data.params["seed"] for r in finals)
-    assert seeds and set(seeds) <= {"0", "1", "2"}, out
-    for cut in {"0", "1", "2"} - set(seeds):
+    assert seeds and set(seeds) <= {"0", "1"}, out
+    for cut in {"0", "1"} - set(seeds):
         assert re.search(rf"^final seed {cut}: (?!test accuracy)", out, re.M), out
     assert all("test/accuracy" in r.data.metrics and r.data.params["data.val_fraction"] == "0" for r in finals)
     assert len({r.data.params["trainer.epochs"] for r in finals}) == 1
