@@ -96,9 +96,10 @@ def test_weight_ema_is_the_model_that_is_evaluated_and_saved(tiny_overrides, wor
 def test_compiled_training_steps_train_the_model_that_is_saved(tiny_overrides, workdir, capsys):
     # No dropout: compiled code draws its random masks from another generator than eager. One
     # block (fewer kernels to generate and build) and one epoch: the fused kernels' rounding is
-    # then all that differs, before training steps compound it.
+    # then all that differs, before training steps compound it. Batches of 40 split the 80
+    # training images evenly: one batch shape, one compilation.
     over = tiny_overrides + ["trainer.precision=fp32", "trainer.channels_last=false", "model.widths=[8]",
-                             "model.dropouts=0.0", "model.dense_dropout=0.0"]
+                             "model.dropouts=0.0", "model.dense_dropout=0.0", "trainer.batch_size=40"]
     assert main([*over, "trainer.compile=default"]) == 0 and main(over) == 0
     client, (compiled, eager) = mlflow_runs(workdir)
     assert compiled.info.status == "FINISHED" and compiled.data.params["trainer.compile"] == "default"
