@@ -19,7 +19,7 @@ def _command(tiny_overrides, minutes: float):
     line = [o for o in tiny_overrides if not o.startswith("trainer.epochs=")]
     # A search share that leaves both the interrupted and the resumed session some search time;
     # two seeds: one wave of final runs on two cores, the smallest plan that still averages seeds.
-    return ["+experiment=best", f"budget.minutes={minutes:g}", "budget.search_share=0.3", "budget.seeds=2", *line,
+    return ["+experiment=best", f"budget.minutes={minutes:g}", "budget.search_share=0.2", "budget.seeds=2", *line,
             "trainer.epochs=3"]
 
 
