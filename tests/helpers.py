@@ -198,9 +198,11 @@ class Forked:
         os.kill(self.pid, sig)
 
     def kill(self) -> None:
+        """SIGKILL, unless the process has ended (and multiprocessing, starting another, reaped it)."""
         import signal
 
-        self.send_signal(signal.SIGKILL)
+        if self.process.exitcode is None:
+            self.send_signal(signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int:
         import subprocess

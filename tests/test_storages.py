@@ -41,12 +41,17 @@ def wait_until(what, check, seconds=120):
     raise AssertionError(f"never happened: {what}")
 
 
-def kill_in_a_trial(args, trials, env=None) -> int:
-    """Start a worker, SIGKILL it while it trains a trial; that trial's number."""
-    victim = start(args, env)
-    trial = wait_until("the first worker runs a trial", lambda: next(
-        (t for t in trials() if t.state == TrialState.RUNNING and t.user_attrs.get("process", "").endswith(
-            f":{victim.pid}")), None))
+def kill_in_a_trial(args, trials, env=None, beside: list[str] = ()) -> int:
+    """Start a worker, SIGKILL it while it trains a trial; that trial's number. ``beside``: the
+    output of a server it depends on, shown with the worker's own if it never gets that far."""
+    out = []
+    victim = start(args, env, out)
+    try:
+        trial = wait_until("the first worker runs a trial", lambda: next(
+            (t for t in trials() if t.state == TrialState.RUNNING and t.user_attrs.get("process", "").endswith(
+                f":{victim.pid}")), None))
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nworker:\n{''.join(out[-20:])}\nbeside it:\n{''.join(beside[-20:])}") from None
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(30)
     return trial.number
@@ -86,8 +91,10 @@ def test_grpc_proxy_study_goes_on_past_a_killed_worker_and_a_restarted_proxy(tin
     port = free_port()
     env = dict(os.environ, FMNIST_STORAGE_URL=pg_database)
     proxy_args = ["storage-proxy", "--port", str(port), "storage=postgres"]
-    proxy = start(proxy_args, env)
+    # The schema made first: the proxy's storage and this one creating it at once collide in PostgreSQL.
     database = optuna.storages.RDBStorage(pg_database, engine_kwargs={"pool_pre_ping": True})
+    proxy_out = []
+    proxy = start(proxy_args, env, proxy_out)
 
     def trials():
         return optuna.load_study(study_name="mine", storage=database).trials
@@ -97,7 +104,7 @@ def test_grpc_proxy_study_goes_on_past_a_killed_worker_and_a_restarted_proxy(tin
     args = [f"sweep={lr_sweep(tmp_path, 8)}", "storage=grpc", f"storage.proxy.port={port}",
             "storage.retry_pause=2", "storage.grace_period=20", *tiny_overrides, "trainer.epochs=3"]
     try:
-        killed = kill_in_a_trial(args, trials)
+        killed = kill_in_a_trial(args, trials, beside=proxy_out)
         outputs = [[], []]
         workers = [start(args, out=out) for out in outputs]
         wait_until("two more trials complete", lambda: sum(t.state == TrialState.COMPLETE for t in trials()) >= 2)
