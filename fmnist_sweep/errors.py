@@ -2,6 +2,7 @@
 storage, and a stop signal taken as a clean stop."""
 
 import signal
+import sys
 
 
 class UserError(Exception):
@@ -46,8 +47,16 @@ def stop_on_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup ignores SIGHUP: it stays ignored)
             signal.signal(sig, stop)
+    sys.unraisablehook = _quiet_stops
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (a background job's stays ignored)
         signal.signal(signal.SIGINT, interrupt)
+
+
+def _quiet_stops(unraisable) -> None:
+    """A stop dropped where Python cannot raise it (see raise_if_stopped) prints nothing: the
+    stop itself is kept and raised again; any other such exception is printed as Python does."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def raise_if_stopped() -> None:
