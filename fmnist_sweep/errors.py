@@ -41,11 +41,11 @@ def stops_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before, _deferred = _deferred, True
+    outer, _deferred = _deferred, True
     try:
         yield
     finally:
-        _deferred = before
+        _deferred = outer
 
 
 def stop_on_signals() -> None:
