@@ -41,11 +41,11 @@ def stops_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    outer, _deferred = _deferred, True
+    before, _deferred = _deferred, True
     try:
         yield
     finally:
-        _deferred = outer
+        _deferred = before
 
 
 def stop_on_signals() -> None:

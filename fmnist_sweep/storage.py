@@ -59,9 +59,10 @@ class WorkerStorage(optuna.storages.RDBStorage):
     held: int | None = None
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
-        # Optuna's tell (a finished state): a stop signal waits until it is written (errors.py)
-        with stops_deferred() if state.is_finished() else nullcontext():
-            taken = super().set_trial_state_values(trial_id, state=state, values=values)
+        if state.is_finished():  # Optuna's tell: a stop signal waits until it is written (errors.py)
+            with stops_deferred():
+                return super().set_trial_state_values(trial_id, state=state, values=values)
+        taken = super().set_trial_state_values(trial_id, state=state, values=values)
         if taken and state == TrialState.RUNNING:
             self.held = trial_id
         return taken
