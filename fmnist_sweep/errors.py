@@ -3,7 +3,6 @@ storage, and a stop signal taken as a clean stop."""
 
 import signal
 import sys
-import threading
 from contextlib import contextmanager
 
 
@@ -34,13 +33,8 @@ _deferred = False  # inside stops_deferred(): a stop signal is kept for raise_if
 def stops_deferred():
     """Stop signals that arrive inside are kept, not raised: around a trial's final storage write,
     which Optuna's trial loop cannot be interrupted in (an exception there leaves its own clean-up
-    an unbound variable). The study raises the kept stop once the trial is told (raise_if_stopped).
-    Only the main thread defers: Python runs signal handlers there, and a write in another thread
-    (the gRPC proxy's, a heartbeat's) must not hold back the process's stop."""
+    an unbound variable). The study raises the kept stop once the trial is told (raise_if_stopped)."""
     global _deferred
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     before, _deferred = _deferred, True
     try:
         yield
