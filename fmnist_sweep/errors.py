@@ -3,7 +3,6 @@ storage, and a stop signal taken as a clean stop."""
 
 import signal
 import sys
-from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -26,20 +25,6 @@ class Stopped(KeyboardInterrupt):
 
 
 _pending: int | None = None  # the stop signal taken, until raise_if_stopped raises it again
-_deferred = False  # inside stops_deferred(): a stop signal is kept for raise_if_stopped, not raised
-
-
-@contextmanager
-def stops_deferred():
-    """Stop signals that arrive inside are kept, not raised: around a trial's final storage write,
-    which Optuna's trial loop cannot be interrupted in (an exception there leaves its own clean-up
-    an unbound variable). The study raises the kept stop once the trial is told (raise_if_stopped)."""
-    global _deferred
-    before, _deferred = _deferred, True
-    try:
-        yield
-    finally:
-        _deferred = before
 
 
 def stop_on_signals() -> None:
@@ -52,14 +37,12 @@ def stop_on_signals() -> None:
         _pending = signum
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        if not _deferred:
-            raise Stopped(signum)
+        raise Stopped(signum)
 
     def interrupt(signum, frame):
         global _pending
         _pending = signum
-        if not _deferred:
-            signal.default_int_handler(signum, frame)
+        signal.default_int_handler(signum, frame)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup ignores SIGHUP: it stays ignored)

@@ -17,7 +17,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from .errors import UserError, stops_deferred
+from .errors import UserError
 from .tracking import first_creates, sqlite_wal, sync_at_checkpoints
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
@@ -59,9 +59,6 @@ class WorkerStorage(optuna.storages.RDBStorage):
     held: int | None = None
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
-        if state.is_finished():  # Optuna's tell: a stop signal waits until it is written (errors.py)
-            with stops_deferred():
-                return super().set_trial_state_values(trial_id, state=state, values=values)
         taken = super().set_trial_state_values(trial_id, state=state, values=values)
         if taken and state == TrialState.RUNNING:
             self.held = trial_id

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from .config import compose
-from .errors import UserError, raise_if_stopped, stop_name
+from .errors import UserError, stop_name
 from .objective import Objective, TrialFailed
 from .recovery import Recovery
 from .storage import describe, make_storage, sqlite_path
@@ -127,8 +127,7 @@ class Study:
         self._failures = 0
         self._max_failures = self.sweep.max_failures or max(3, self.target - done)
         callbacks = [self._after_trial, Progress(self, done, self.target),
-                     optuna.study.MaxTrialsCallback(self.target, states=COUNTED),
-                     lambda study, trial: raise_if_stopped()]  # a stop kept while the trial was told
+                     optuna.study.MaxTrialsCallback(self.target, states=COUNTED)]
         while True:
             try:
                 self.recovery.recover()

@@ -566,33 +566,3 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, wo
     client, _ = mlflow_runs(workdir, "mine")
     failed = client.get_run(ts[0].user_attrs["mlflow_run_id"])
     assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"
-
-
-def _stopped_while_deferred() -> None:
-    """Signalled inside errors.stops_deferred(): exit 1 if the stop was raised there, else
-    128 + the signal raise_if_stopped raises after it."""
-    from fmnist_sweep import errors
-
-    errors.stop_on_signals()
-    try:
-        with errors.stops_deferred():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.5)  # the handler runs here: it keeps the stop
-    except KeyboardInterrupt:
-        os._exit(1)
-    try:
-        errors.raise_if_stopped()
-    except KeyboardInterrupt as e:
-        os._exit(128 + errors.stop_signal(e))
-    os._exit(0)
-
-
-def test_a_stop_signal_during_a_trials_final_write_waits_until_it_is_written():
-    """A stop inside a trial's final storage write (Optuna's tell, which an exception would break)
-    is kept, and raised once the write is done (the study's last callback of each trial)."""
-    from fmnist_sweep import forks
-
-    proc = forks.context().Process(target=_stopped_while_deferred)
-    proc.start()
-    proc.join(60)
-    assert proc.exitcode == 128 + signal.SIGTERM
