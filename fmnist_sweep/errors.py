@@ -71,6 +71,25 @@ def raise_if_stopped() -> None:
         raise Stopped(signum) if signum != signal.SIGINT else KeyboardInterrupt()
 
 
+def behind(e: BaseException | None, kinds) -> BaseException | None:
+    """The exception of ``kinds`` behind ``e``, if any: ``e`` itself, its cause, or the exception
+    being handled when it was raised, and so on down the chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def stop_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The stop (Ctrl-C or a stop signal) behind ``e``. A stop that lands inside Optuna's tell
+    (the trial's final storage write) surfaces as Optuna's own error from its clean-up (an
+    UnboundLocalError), with the stop as its context."""
+    return behind(e, KeyboardInterrupt)
+
+
 def stop_signal(e: KeyboardInterrupt) -> int:
     """The signal that stopped the process: SIGINT for Ctrl-C."""
     return e.signum if isinstance(e, Stopped) else signal.SIGINT

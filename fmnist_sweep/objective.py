@@ -45,7 +45,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial):
         """One trial: its values; a lost storage connection or a trial taken over by another
         worker is not the trial's failure (StorageLost: the worker re-queues it)."""
-        self.recovery.started(trial.number)
+        self.recovery.started(trial)
         try:
             with self.cores.trial() if self.cores is not None else contextlib.nullcontext() as got:
                 if got:
@@ -54,8 +54,7 @@ class Objective:
         except StorageLost:
             raise
         except KeyboardInterrupt:
-            with contextlib.suppress(Exception):  # counted apart from failures (by number: a retry copies it)
-                trial.set_user_attr("fmnist.interrupted", trial.number)
+            self.recovery.stopping()
             raise
         except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
             raise self.recovery.lost(trial.number, e) from e

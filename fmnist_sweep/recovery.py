@@ -5,6 +5,7 @@ that stopped beating."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -63,16 +64,22 @@ class Recovery:
         self.tracker, self.parent_run_id = tracker, parent_run_id
         self.retry = retry_callback(storage_cfg)
         self.process = process_id()
-        self.current: int | None = None  # the trial this process is running
+        self.current: optuna.Trial | None = None  # the trial this process is running
         self.cut: int | None = None  # a trial whose objective stopped on a lost connection
         self.taken_over: int | None = None  # a trial of ours another worker's heartbeat check failed
         self.losses = 0  # connections lost since this worker's last finished trial
         self.runs: dict[int, str] = {}  # trial number -> this process's MLflow run, until it has the trial's state
 
     # --- what the study tells it ------------------------------------------------------------------
-    def started(self, number: int) -> None:
-        """This process runs trial ``number`` now."""
-        self.current = number
+    def started(self, trial: optuna.Trial) -> None:
+        """This process runs ``trial`` now."""
+        self.current = trial
+
+    def stopping(self) -> None:
+        """A stop (Ctrl-C or a stop signal) ends the running trial: it is marked so, to be counted
+        apart from failures (by number: a retry copies the mark)."""
+        with contextlib.suppress(Exception):  # (finished already, or the storage is gone)
+            self.current.set_user_attr("fmnist.interrupted", self.current.number)
 
     def opened(self, number: int, run_id: str) -> None:
         """Trial ``number``'s MLflow run, made by this process, awaits the trial's final state."""
@@ -180,12 +187,18 @@ class Recovery:
         """Ctrl-C or a stop signal: the trial it stopped is re-queued and marked interrupted; the
         study's run KILLED."""
         try:
-            number = self.current
-            trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == number), None)
+            trial = None
+            if self.current is not None:
+                self.stopping()  # (a stop during Optuna's tell leaves the trial RUNNING and unmarked)
+                trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == self.current.number),
+                             None)
             if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
+                number = trial.number
                 self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
                 self.retry(self.optuna, trial)
                 self.close_run(number, "FAIL", f"interrupted ({why}); re-queued for the next run")
+            elif trial is not None:  # the stop came once its final state had reached the storage
+                self.close_run(trial.number, trial.state.name)
             self.tracker.end(self.parent_run_id, "KILLED")
         except Exception:  # the storage is gone too: the next run's recovery retries the trial
             pass

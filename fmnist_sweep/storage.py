@@ -17,7 +17,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from .errors import UserError
+from .errors import UserError, behind
 from .tracking import first_creates, sqlite_wal, sync_at_checkpoints
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
@@ -37,16 +37,9 @@ def connection_errors() -> tuple:
 
 
 def connection_error(e: BaseException | None) -> BaseException | None:
-    """The storage connection error behind ``e``, if any: ``e`` itself, its cause, or the
-    error being handled when it was raised (Optuna's optimize can raise another error from
-    its own clean-up when its tell meets the cut)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, connection_errors()):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    """The storage connection error behind ``e``, if any (Optuna's optimize can raise another
+    error from its own clean-up when its tell meets the cut)."""
+    return behind(e, connection_errors())
 
 
 class WorkerStorage(optuna.storages.RDBStorage):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from .config import compose
-from .errors import UserError, stop_name
+from .errors import UserError, stop_behind, stop_name
 from .objective import Objective, TrialFailed
 from .recovery import Recovery
 from .storage import describe, make_storage, sqlite_path
@@ -134,12 +134,12 @@ class Study:
                 self.optuna.optimize(self.objective, callbacks=callbacks, catch=(TrialFailed,),
                                      timeout=_until(self.cfg.trainer.get("deadline")))
                 break
-            except KeyboardInterrupt as e:
-                self.recovery.interrupted(stop_name(e))
-                raise
             except UserError:
                 raise
-            except Exception as e:
+            except (Exception, KeyboardInterrupt) as e:
+                if (stop := stop_behind(e)) is not None:
+                    self.recovery.interrupted(stop_name(stop))
+                    raise stop from None
                 self.recovery.after_error(e)
         self.reconnecting(self.recovery.settle)
         self.tracker.end(self.parent_run_id, "FINISHED")

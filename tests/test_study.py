@@ -399,6 +399,61 @@ def test_a_stop_signal_that_lands_in_a_finalizer_still_stops_the_training(sig, t
     assert err.read_text() == ""
 
 
+def _stopped_in_optunas_tell(argv: list[str], cwd: str, out: str, after_write: bool) -> None:
+    """The study command, signalled (SIGTERM) while Optuna's tell writes the first trial's final
+    state, at our storage seam (before or after the write itself); exits with the command's code,
+    its output in ``out`` and ``out``.err."""
+    import sys
+
+    from fmnist_sweep import errors, storage
+    from fmnist_sweep.cli import main
+
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
+    errors.stop_on_signals()
+    write = storage.WorkerStorage.set_trial_state_values
+
+    def stopped_mid_write(self, trial_id, state, values=None):
+        if state.is_finished() and not after_write:
+            os.kill(os.getpid(), signal.SIGTERM)  # (once: the handler ignores a second one)
+        taken = write(self, trial_id, state, values)
+        if state.is_finished() and after_write:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return taken
+
+    storage.WorkerStorage.set_trial_state_values = stopped_mid_write
+    os.chdir(cwd)
+    os._exit(main(argv))
+
+
+@pytest.mark.parametrize("after_write", [False, True], ids=["before-the-write", "after-the-write"])
+def test_a_stop_signal_inside_optunas_tell_is_a_clean_stop(after_write, tiny_overrides, workdir, tmp_path):
+    """Optuna's trial loop meets a stop during its tell with an error of its own (the stop is
+    that error's context): the process still stops as on any stop signal, one line and exit 143.
+    A trial whose result had not reached the storage is re-queued; one whose result had keeps it."""
+    from fmnist_sweep import forks
+
+    out = tmp_path / "out"
+    args = [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides]
+    proc = forks.context().Process(target=_stopped_in_optunas_tell, args=(args, str(workdir), str(out), after_write))
+    proc.start()
+    proc.join(120)
+    err = Path(str(out) + ".err").read_text()
+    assert proc.exitcode == 143, out.read_text() + err
+    assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
+                                "command"], err
+    ts = trials(workdir, "mine")
+    if after_write:
+        assert [t.state for t in ts] == [TrialState.COMPLETE]
+    else:
+        (stopped, requeued) = ts
+        assert stopped.state == TrialState.FAIL and stopped.user_attrs["fmnist.interrupted"] == 0
+        assert requeued.state == TrialState.WAITING and requeued.params == stopped.params
+    _, runs = mlflow_runs(workdir, "mine")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (trial_run,) = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    assert trial_run.data.tags["optuna.state"] == ts[0].state.name
+
+
 def test_read_only_commands_leave_the_record_as_it_was(tiny_overrides, workdir, tmp_path, capsys):
     """status, report and compare on a finished study: every run's status and the study's
     trials stay as they were (the parent run stays FINISHED)."""
