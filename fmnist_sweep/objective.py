@@ -122,9 +122,12 @@ class Objective:
         return found
 
     def _log_model(self):
-        """Whether a finished trial logs its MLflow Model: all, or (tracking.log_models=best) one
-        whose objective beats every COMPLETE trial's so far (several objectives: all)."""
-        if self.cfg.tracking.get("log_models", "best") == "all" or len(self.sweep.objectives) > 1:
+        """Whether a finished trial logs its MLflow Model: all, none, or (tracking.log_models=best)
+        one whose objective beats every COMPLETE trial's so far (several objectives: all)."""
+        which = self.cfg.tracking.get("log_models", "best")
+        if which == "none":
+            return False
+        if which == "all" or len(self.sweep.objectives) > 1:
             return True
         metric, direction = self.sweep.objectives[0]
 

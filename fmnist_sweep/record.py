@@ -207,14 +207,17 @@ def _write_artifacts(out: Path, cfg, model, history, ev, split, split_name) -> N
     (out / "weights").mkdir()  # beside, not inside, the logged MLflow Model "model"
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                out / "weights" / "state_dict.pt")
-    artifacts.learning_curves_png(history, out / "learning_curves.png")
+    plots = cfg.tracking.get("plots", True)
+    if plots:
+        artifacts.learning_curves_png(history, out / "learning_curves.png")
     if model.task == "classify":
         y = split.y.cpu().numpy()
         artifacts.per_class_table(y, ev["outputs"], out, split_name)
         acc = float((ev["outputs"] == y).mean())
-        artifacts.confusion_matrix_png(y, ev["outputs"], out / f"confusion_matrix_{split_name}.png",
-                                       f"{split_name} set, accuracy {acc:.4f}")
-    else:
+        if plots:
+            artifacts.confusion_matrix_png(y, ev["outputs"], out / f"confusion_matrix_{split_name}.png",
+                                           f"{split_name} set, accuracy {acc:.4f}")
+    elif plots:
         n = min(10, len(ev["outputs"]))
         artifacts.reconstructions_png(split.x[:n].float().cpu().numpy(), ev["outputs"][:n],
                                       out / f"reconstructions_{split_name}.png")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_sweep.cli import main
-from tests.helpers import free_port, wait_http
+from tests.helpers import RECORD, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the screenshot goes: a CI artifact folder (git-ignored).
@@ -54,7 +54,7 @@ def mlflow_ui(tiny_overrides, workdir, tmp_path, capsys):
     sweep = tmp_path / "browse.yaml"
     sweep.write_text("objective: val/accuracy\nn_trials: 4\nsampler: {name: random, seed: 0}\n"
                      "params:\n  optimizer.lr: tag(log, interval(1e-4, 1e-2))\n")
-    assert main([f"sweep={sweep}", *tiny_overrides, "trainer.epochs=4", "trainer.test=true"]) == 0
+    assert main([f"sweep={sweep}", *tiny_overrides, "trainer.epochs=4", "trainer.test=true", *RECORD]) == 0
     link = capsys.readouterr().out.split("then open http://127.0.0.1:5000/", 1)[1].split()[0]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlruns.db",

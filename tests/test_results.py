@@ -15,8 +15,7 @@ from fmnist_sweep.config import compose
 from fmnist_sweep.data import augment
 from fmnist_sweep.models import count_params
 from fmnist_sweep.models.resnet import ResNet
-from tests.helpers import mlflow_runs
-from tests.helpers import storage, sweep_file
+from tests.helpers import RECORD, mlflow_runs, storage, sweep_file
 
 SINGLE_PRESETS = {"keras_cnn": "cnn", "keras_rnn": "rnn", "keras_bilstm": "bilstm"}
 AE_PRESETS = ["torch_ae_latent", "torch_ae_dropout", "torch_ae_lr", "torch_ae_optimizer", "torch_ae_output",
@@ -144,9 +143,9 @@ def test_compare_two_studies_tables_match_mlflow(tiny_overrides, workdir, tmp_pa
           seed: choice(0, 1)
     """, "ae")
     assert main([f"sweep={cls}", "study.name=cls", "model=cnn", "model.widths=[8,16]", "model.dropouts=0.1",
-                 *tiny_overrides]) == 0
-    assert main(["finalize", "cls", "--top-k", "1", "--seeds", "2", *tiny_overrides]) == 0
-    assert main([f"sweep={ae}", "study.name=ae", "model=autoencoder", *tiny_overrides]) == 0
+                 *tiny_overrides, "tracking.plots=true"]) == 0
+    assert main(["finalize", "cls", "--top-k", "1", "--seeds", "2", *tiny_overrides, "tracking.plots=true"]) == 0
+    assert main([f"sweep={ae}", "study.name=ae", "model=autoencoder", *tiny_overrides, *RECORD]) == 0
     capsys.readouterr()
     out_dir = tmp_path / "cmp"
     assert main(["compare", "cls", "ae", "--out", str(out_dir), *tiny_overrides]) == 0

@@ -12,7 +12,7 @@ from fmnist_sweep.config import compose
 from fmnist_sweep import data as fmnist
 from fmnist_sweep.record import run
 from fmnist_sweep.train import evaluate, tta_views
-from tests.helpers import mlflow_runs
+from tests.helpers import RECORD, mlflow_runs
 
 
 def artifact_paths(client, run_id, path=None):
@@ -23,7 +23,7 @@ def artifact_paths(client, run_id, path=None):
 
 
 def test_run_is_recorded_with_params_metrics_tags_artifacts(tiny_overrides, workdir, capsys):
-    overrides = tiny_overrides + ["trainer.epochs=2", "optimizer.lr=0.002"]
+    overrides = tiny_overrides + ["trainer.epochs=2", "optimizer.lr=0.002", *RECORD]
     assert main(overrides) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "img/s" in out
@@ -128,7 +128,7 @@ def test_test_shift_averages_shifted_views_at_the_test_evaluation_only(tiny_over
 
 
 def test_autoencoder_run_and_pretrained_frozen_encoder_from_its_run_id(tiny_overrides, workdir):
-    assert main(tiny_overrides + ["model=autoencoder", "model.latent_dim=8", "optimizer=adam"]) == 0
+    assert main(tiny_overrides + ["model=autoencoder", "model.latent_dim=8", "optimizer=adam", *RECORD]) == 0
     client, (ae,) = mlflow_runs(workdir)
     assert "val/accuracy" not in ae.data.metrics and "val/loss" in ae.data.metrics
     assert "reconstructions_test.png" in artifact_paths(client, ae.info.run_id)

@@ -16,13 +16,13 @@ from fmnist_sweep.cli import main
 from fmnist_sweep.config import compose, flat_keys, group_options, resource_dir
 from fmnist_sweep.space import SearchSpace
 from fmnist_sweep.sweep import load_sweep, sweep_names
-from tests.helpers import (Forked, epochs_logged, lr_sweep, made_study, mlflow_runs, run_cli, stop_when,
+from tests.helpers import (RECORD, Forked, epochs_logged, lr_sweep, made_study, mlflow_runs, run_cli, stop_when,
                            storage, sweep_file, trials)
 
 
 def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, workdir, capsys):
     args = ["+experiment=quickstart", *tiny_overrides, "study.n_trials=4", "trainer.epochs=2",
-            "data.train_fraction=1.0"]
+            "data.train_fraction=1.0", *RECORD]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "4/4 done" in out and "best trial" in out and "re-run: python -m fmnist_sweep " in out
@@ -46,6 +46,13 @@ def test_four_trial_study_records_storage_and_mlflow_contract(tiny_overrides, wo
         assert child.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
         assert child.data.params["optimizer.lr"] == str(t.params["optimizer.lr"])
         assert "sweep=null" in child.data.tags["fmnist.overrides"]
+    # tracking.log_models=best: an MLflow Model from each trial that beat every COMPLETE one before it
+    beat, best_so_far = set(), None
+    for t in ts:
+        if t.state == TrialState.COMPLETE and (best_so_far is None or t.value > best_so_far):
+            beat.add(t.user_attrs["mlflow_run_id"])
+            best_so_far = t.value
+    assert {c.info.run_id for c in children if c.outputs.model_outputs} == beat
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "trials.csv", "optimization_history.png", "param_importances.png", "intermediate_values.png",
             "parallel_coordinate.png", "slice.png", "study_plots.html"} <= files
@@ -103,7 +110,7 @@ def test_study_report_contour_png_shows_the_two_most_important_of_the_parameters
           - {optimizer: adam, optimizer.lr: 0.004, trainer.batch_size: 32, model.activation: tanh}
           - {optimizer: sgd, optimizer.lr: 0.008, trainer.batch_size: 16, model.activation: tanh}
     """)
-    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    assert main([f"sweep={sweep}", *tiny_overrides, *RECORD]) == 0
     out, err = capfd.readouterr()
     assert "4/4 done" in out
     assert "unique value length" not in out + err
@@ -132,6 +139,14 @@ def test_trial_override_line_reruns_the_trial_as_a_single_run(tiny_overrides, wo
     """)
     assert main([f"sweep={sweep}", *tiny_overrides]) == 0
     (t,) = trials(workdir, "mine")
+    # tracking.plots=false, tracking.log_models=none: tables and weights, no PNG and no MLflow Model
+    client, (parent, trial_run) = mlflow_runs(workdir, "mine")
+    files = {f.path for f in client.list_artifacts(trial_run.info.run_id)} | {
+        f.path for f in client.list_artifacts(trial_run.info.run_id, "weights")}
+    assert "weights/state_dict.pt" in files and not trial_run.outputs.model_outputs
+    assert [f for f in files if f.startswith("classification_report_")]
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert "trials.csv" in parent_files and not [f for f in files | parent_files if f.endswith((".png", ".html"))]
     assert main(t.user_attrs["overrides"].split()) == 0
     client, runs = mlflow_runs(workdir)  # the re-run is a plain run in the default experiment
     assert runs[0].data.metrics["val/accuracy"] == t.value
@@ -185,7 +200,7 @@ def test_multi_objective_study(tiny_overrides, workdir, tmp_path):
         params:
           model: choice(cnn, encoder_classifier)
     """)
-    assert main([f"sweep={sweep}", *tiny_overrides]) == 0
+    assert main([f"sweep={sweep}", *tiny_overrides, "tracking.plots=true"]) == 0
     study = optuna.load_study(study_name="mine", storage=storage(workdir))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     for t in study.trials:
@@ -362,6 +377,9 @@ def _stopped_in_a_finalizer(ready, err: str) -> None:
     from fmnist_sweep.train import train_epoch
 
     sys.stderr = open(err, "w", buffering=1)
+    # Ctrl-C as in a terminal: a child of the fork server inherits an ignored SIGINT where the
+    # server was started by a process that ignored it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     errors.stop_on_signals()
 
     class Finalized:
