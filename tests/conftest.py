@@ -6,7 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, enter_workdir, free_port, wait_http, write_idx
+
+def _own_cores() -> None:
+    """Each of the suite's processes (pytest -n N) runs on a share of the cores of its own, and
+    so does every process its tests start: a command's default threads (trainer.threads=auto,
+    one 1-thread worker per core) are then those of its share, as for workers side by side on
+    one machine, instead of oversubscribing the cores another test process is using. (Before
+    torch is imported: its thread pool is sized by the cores the process may run on.)"""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= count:
+            os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
+
+
+_own_cores()
+
+from tests.helpers import TINY, enter_workdir, free_port, wait_http, write_idx  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):

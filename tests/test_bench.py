@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+LEAN = ["tracking.plots=false", "tracking.log_models=none"]  # where the record is not what a bench measures
 
 
 def bench_module(name):
@@ -83,7 +84,7 @@ def test_trial_breakdown_quick(workdir, tiny_data, monkeypatch, capsys):
 
 def test_workers_quick(workdir, tiny_data):
     out = bench("workers.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                "data.train_fraction=1.0")
+                "data.train_fraction=1.0", *LEAN)
     assert "1 worker(s) x" in out and "1 worker(s) by hand, sharing the cores" in out and "trials/hour" in out
     assert "without -n starts" in out
 
@@ -140,7 +141,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
 
 def test_sweep_efficiency_quick(workdir, tiny_data, tmp_path, monkeypatch, capsys):
     out = bench_here("sweep_efficiency", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                     "data.train_fraction=1.0", "--plot", str(tmp_path / "eff.png"), monkeypatch=monkeypatch,
+                     "data.train_fraction=1.0", *LEAN, "--plot", str(tmp_path / "eff.png"), monkeypatch=monkeypatch,
                      capsys=capsys)
     for arm in ("tpe + median pruner", "tpe, no pruning", "random, no pruning"):
         assert arm in out
@@ -174,7 +175,7 @@ def test_sweep_efficiency_replay_prunes_what_the_pruner_would():
 
 def test_bf16_accuracy_quick(workdir, tiny_data, monkeypatch, capsys):
     out = bench_here("bf16_accuracy", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                     "data.train_fraction=1.0", monkeypatch=monkeypatch, capsys=capsys)
+                     "data.train_fraction=1.0", *LEAN, monkeypatch=monkeypatch, capsys=capsys)
     assert "seed 0 fp32: val/accuracy" in out and "seed 0 bf16: val/accuracy" in out
     assert "points of val/accuracy on average over 1 seed(s)" in out
 
@@ -182,7 +183,7 @@ def test_bf16_accuracy_quick(workdir, tiny_data, monkeypatch, capsys):
 def test_recipe_quick(workdir, tiny_data):
     # (a script: its worker processes import it by name)
     out = bench("recipe.py", f"data.root={tiny_data}", "data.verify=false", "data.val_fraction=0.2",
-                "data.train_fraction=1.0")
+                "data.train_fraction=1.0", *LEAN)
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| change | val accuracy (mean ± std, 1 seeds)")
     changes = [r.split(" | ")[0][2:] for r in rows[1:]]
