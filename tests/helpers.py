@@ -157,8 +157,7 @@ def free_port() -> int:
 # What a command imports, once per test process: a run's process's (forks.PRELOAD), and what the
 # commands import later (their record, report and model export), so that forked ones import nothing.
 FORK_PRELOAD = [*forks.PRELOAD, "fmnist_sweep.cli", "fmnist_sweep.best", "fmnist_sweep.workers", "torch.export",
-                "mlflow.pytorch", "mlflow.store.tracking.sqlalchemy_store",
-                "mlflow.store.model_registry.sqlalchemy_store", "sklearn.metrics", "matplotlib.pyplot",
+                "mlflow.pytorch", "mlflow.store.model_registry.sqlalchemy_store", "matplotlib.pyplot",
                 "optuna.visualization", "optuna.visualization.matplotlib", "tests.helpers"]
 
 

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from tests.helpers import Forked, mlflow_runs, run_cli, storage
 
-MINIMUM = re.compile(r"error: budget 0m03s is below the smallest plan on this machine, \d+m\d\ds: "
+MINIMUM = re.compile(r"error: budget 0m03s is below the smallest plan on this machine, (\d+)m(\d\d)s: "
                      r"run with budget.minutes=([\d.]+) or more")
 
 
@@ -38,7 +38,7 @@ def _interrupt_after_first_trial(args, workdir) -> tuple[float, str]:
     return time.time() - t0, "".join(seen) + rest
 
 
-def _minimum_minutes(tiny_overrides, workdir) -> float:
+def _minimum_seconds(tiny_overrides, workdir) -> float:
     """A 3-second budget: one line naming this machine's minimum, exit 2, no study; that minimum."""
     tiny = run_cli(_command(tiny_overrides, 0.05), workdir, timeout=300)
     assert tiny.returncode == 2, tiny.stdout + tiny.stderr
@@ -46,7 +46,9 @@ def _minimum_minutes(tiny_overrides, workdir) -> float:
     minimum = MINIMUM.fullmatch(line)
     assert minimum, line
     assert not (workdir / "studies.db").exists() or "best" not in optuna.get_all_study_names(storage(workdir))
-    return float(minimum.group(1))
+    minutes, seconds, rounded_up = minimum.groups()
+    assert float(rounded_up) * 60 >= int(minutes) * 60 + int(seconds)
+    return int(minutes) * 60 + int(seconds)
 
 
 @pytest.mark.first
@@ -55,7 +57,7 @@ def test_budget_below_the_minimum_says_so_then_just_above_it_registers_by_the_de
     """A budget below this machine's smallest plan: one line naming the minimum, exit 2, no study.
     1.5 times that minimum, Ctrl-C'd after its first trial and run again: two final seeds, a
     registered model, both sessions within the budget by the clock the study keeps."""
-    budget_s = 1.5 * 60 * _minimum_minutes(tiny_overrides, workdir)
+    budget_s = 1.5 * _minimum_seconds(tiny_overrides, workdir)
     args = _command(tiny_overrides, budget_s / 60)
     first_s, first = _interrupt_after_first_trial(args, workdir)
     assert "plan: 2 cores;" in first or "plan: 1 core;" in first
