@@ -35,7 +35,8 @@ from PIL import Image
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
 from fmnist_sweep.models import fast
-from fmnist_sweep.hardware import compile_for_training, cpu_has_fast_bf16, keep_freed_memory, select_precision, threads_for
+from fmnist_sweep.hardware import (compile_for_training, cpu_has_fast_bf16, isa_cap, keep_freed_memory,  # noqa: E402
+                                   select_precision, threads_for)
 from fmnist_sweep.train import make_optimizer, train_epoch
 
 BATCH = {"cnn": 100, "rnn": 65, "bilstm": 64, "autoencoder": 100, "encoder_classifier": 100, "resnet": 128}
@@ -206,7 +207,7 @@ def main():
     measured = {"fp32": peak_gflops(torch.float32, args.quick)}
     # Without bf16 units a bf16 GEMM is emulated (minutes); where they are slow (Intel without
     # AMX) their peak shows why the default is fp32.
-    if {"avx512_bf16", "amx_bf16"} & set(fast.cpuinfo_field("flags").split()):
+    if {"avx512_bf16", "amx_bf16"} & set(fast.cpuinfo_field("flags").split()) and not isa_cap():
         measured["bf16"] = peak_gflops(torch.bfloat16, args.quick)
     peaks = {k: v["peak"] for k, v in measured.items()}
     print(f"threads {torch.get_num_threads()}, {args.images} images x {args.windows} windows, CPU fast bf16: "

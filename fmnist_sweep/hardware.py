@@ -37,9 +37,25 @@ def device_label(setting: str) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)}" + (f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
 
 
+def isa_cap() -> str:
+    """The setting that keeps torch's or oneDNN's kernels below the CPU's bf16 instructions, if any
+    (ATEN_CPU_CAPABILITY=avx2 or default; ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16): bf16 is then
+    emulated whatever the CPU has."""
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if aten in ("default", "avx2"):
+        return f"ATEN_CPU_CAPABILITY={aten}"
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if onednn and onednn != "ALL" and not any(k in onednn for k in ("BF16", "AMX", "FP16", "AVX10")):
+        return f"ONEDNN_MAX_CPU_ISA={onednn}"
+    return ""
+
+
 def cpu_bf16_slowdown(cpuinfo: str | None = None) -> str:
     """Why bf16 is not this CPU's fast path, for the warning, from its /proc/cpuinfo flags; "" where
-    it is: amx_bf16, or avx512_bf16 with vendor_id AuthenticAMD (docs/PERFORMANCE.md measures each)."""
+    it is: amx_bf16, or avx512_bf16 with vendor_id AuthenticAMD (docs/PERFORMANCE.md measures each),
+    unless an instruction-set cap leaves them out (isa_cap)."""
+    if cap := isa_cap():
+        return f"a CPU whose bf16 instructions {cap} leaves out (autocast emulates them)"
     cpuinfo = cpuinfo or CPUINFO
     flags = cpuinfo_field("flags", cpuinfo).split()
     if "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in cpuinfo_field("vendor_id", cpuinfo)):

@@ -230,6 +230,29 @@ def test_precision_auto_uses_bf16_only_where_the_cpu_makes_it_fast(tmp_path, mon
     assert select_precision("auto", torch.device("cpu"), cnn) == ("bf16" if fast else "fp32")
 
 
+@pytest.mark.parametrize("env, fast", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, False),  # AVX2 code paths forced
+    ({"ATEN_CPU_CAPABILITY": "default"}, False), ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, False),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True), ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True)])
+def test_an_instruction_set_cap_below_bf16_keeps_auto_in_fp32(tmp_path, monkeypatch, env, fast, capsys):
+    """On a CPU whose bf16 is fast, kernels capped below its bf16 instructions emulate bf16:
+    precision auto stays fp32, and an explicit bf16 says why."""
+    from fmnist_sweep.hardware import select_precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n")
+    monkeypatch.setattr("fmnist_sweep.hardware.CPUINFO", str(cpuinfo))
+    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cnn = instantiate(compose(["model=cnn"]).model)
+    assert select_precision("auto", torch.device("cpu"), cnn) == ("bf16" if fast else "fp32")
+    select_precision("bf16", torch.device("cpu"), cnn)
+    out = capsys.readouterr().out
+    assert ("leaves out (autocast emulates them)" in out) != fast, out
+
+
 def test_training_keeps_freed_memory_in_the_process(tiny_overrides, workdir, monkeypatch):
     """run() sets the allocator to keep freed memory; with it, a freed-and-reallocated 8 MB
     activation-sized block comes from the heap instead of a fresh mmap page-faulted in at
