@@ -7,7 +7,7 @@ trials/s, p50/p99 latency of ask+tell as a worker waits for it, and the storage 
 CPU share (its processes' CPU time over wall time x cores, read from /proc).
 
     python bench/scale.py --pg-url postgresql://postgres@127.0.0.1:5432/postgres --plot docs/scale.png
-    python bench/scale.py --quick --pg-url ...      # N = 2 in one process; history 20; 1 s each
+    python bench/scale.py --quick --pg-url ...      # N = 2 in one process; history 20; 0.5 s each
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def main():
         plot(read_tables(args.plot_from), args.plot or "scale.png")
         return
     if args.quick:
-        args.workers, args.histories, args.seconds, args.processes = "2", "20", 1, 1
+        args.workers, args.histories, args.seconds, args.processes = "2", "20", 0.5, 1
     kinds = [k for k in args.storages.split(",") if args.pg_url or k == "redis"]
     if len(kinds) < len(args.storages.split(",")):
         print("postgres and grpc skipped: give --pg-url (or set FMNIST_TEST_PG_URL)")

@@ -30,7 +30,7 @@ def test_workers_take_an_equal_share_of_free_cores_and_wait_for_one(tmp_path, mo
 
 
 def test_three_hand_started_workers_finish_the_study_within_the_machines_cores(tiny_overrides, workdir, tmp_path):
-    line = [f"sweep={lr_sweep(tmp_path, 6)}", *[o for o in tiny_overrides if not o.startswith("trainer.threads=")],
+    line = [f"sweep={lr_sweep(tmp_path, 4)}", *[o for o in tiny_overrides if not o.startswith("trainer.threads=")],
             "trainer.epochs=2"]
     env = dict(os.environ, FMNIST_CORES_DIR=str(tmp_path / "locks"))
     procs = [Forked(line, workdir, env, merge=True) for _ in range(3)]
@@ -40,4 +40,4 @@ def test_three_hand_started_workers_finish_the_study_within_the_machines_cores(t
     beside = [o for o in outs if "on this machine: this one takes" in o]
     assert beside, outs  # the workers that started beside others said so
     done = [t for t in trials(workdir, "mine") if t.state == TrialState.COMPLETE]
-    assert len(done) >= 6 and all(1 <= t.user_attrs["cores"] <= cores for t in done)
+    assert len(done) >= 4 and all(1 <= t.user_attrs["cores"] <= cores for t in done)
