@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if opts["command"] == "workers":
             if cfg.sweep is None:
                 raise UserError("workers run a study: add +experiment=NAME (or sweep=NAME)")
+            from . import forks
+
+            forks.start()  # the workers' server imports on a core beside this process's study set-up
             from .workers import launch
 
             return launch(cfg, overrides, opts["n"], opts["per_gpu"], opts["more"])
