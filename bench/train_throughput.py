@@ -35,7 +35,7 @@ from PIL import Image
 from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
 from fmnist_sweep.models import fast
-from fmnist_sweep.hardware import (compile_for_training, cpu_has_fast_bf16, isa_cap, keep_freed_memory,  # noqa: E402
+from fmnist_sweep.hardware import (compile_for_training, cpu_has_fast_bf16, isa_cap, keep_freed_memory,
                                    select_precision, threads_for)
 from fmnist_sweep.train import make_optimizer, train_epoch
 

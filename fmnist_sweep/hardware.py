@@ -37,6 +37,10 @@ def device_label(setting: str) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)}" + (f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
 
 
+# Words in the names of oneDNN's instruction-set levels that hold bf16 instructions (ONEDNN_MAX_CPU_ISA).
+ONEDNN_BF16_LEVELS = ("BF16", "AMX", "FP16", "AVX10")
+
+
 def isa_cap() -> str:
     """The setting that keeps torch's or oneDNN's kernels below the CPU's bf16 instructions, if any
     (ATEN_CPU_CAPABILITY=avx2 or default; ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16): bf16 is then
@@ -45,7 +49,7 @@ def isa_cap() -> str:
     if aten in ("default", "avx2"):
         return f"ATEN_CPU_CAPABILITY={aten}"
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if onednn and onednn != "ALL" and not any(k in onednn for k in ("BF16", "AMX", "FP16", "AVX10")):
+    if onednn and onednn != "ALL" and not any(word in onednn for word in ONEDNN_BF16_LEVELS):
         return f"ONEDNN_MAX_CPU_ISA={onednn}"
     return ""
 

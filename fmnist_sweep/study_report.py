@@ -122,7 +122,8 @@ def write(study: Study, out: Path) -> list[str]:
     df = study.optuna.trials_dataframe()
     df.to_csv(out / "trials.csv", index=False)
     figures = []
-    for name, plotly_fn, mpl_fn, kw, png_kw in _plots(study) if study.cfg.tracking.get("plots", True) else []:
+    plots = _plots(study) if study.cfg.tracking.get("plots", True) else []  # (tracking.plots=false: tables only)
+    for name, plotly_fn, mpl_fn, kw, png_kw in plots:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -14,10 +14,11 @@ from fmnist_sweep.data import FILES
 
 REAL_DATA = Path(os.environ.get("FMNIST_REAL_DATA", "/usr/share/datasets/fashion-mnist"))
 # The real config shrunk to seconds on the tiny files (with data.root=their folder).
-# (No plots and no study trial's MLflow Model: the tests of those ask for them, with RECORD.)
-TINY = ["data.verify=false", "data.download=false", "data.val_fraction=0.2", "trainer.epochs=1",
-        "trainer.batch_size=32", "trainer.threads=1", "tracking.plots=false", "tracking.log_models=none"]
+# A lean record: no plots and no study trial's MLflow Model (the tests of those ask for them: RECORD).
+LEAN = ["tracking.plots=false", "tracking.log_models=none"]
 RECORD = ["tracking.plots=true", "tracking.log_models=best"]
+TINY = ["data.verify=false", "data.download=false", "data.val_fraction=0.2", "trainer.epochs=1",
+        "trainer.batch_size=32", "trainer.threads=1", *LEAN]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import LEAN  # (where the record is not what a bench measures)
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-LEAN = ["tracking.plots=false", "tracking.log_models=none"]  # where the record is not what a bench measures
 
 
 def bench_module(name):
