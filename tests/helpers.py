@@ -215,20 +215,22 @@ class Forked:
         return self.process.exitcode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
-        """Everything still to come on stdout and stderr, once the process has exited."""
+        """Everything still to come on stdout and stderr, once the process has exited (what came
+        within ``timeout`` where it has not: a hung command's last lines)."""
         import threading
 
-        got = {}
-        readers = [threading.Thread(target=lambda f=f: got.__setitem__(f, f.read()), daemon=True)
-                   for f in (self.stdout, self.stderr) if f is not None]
+        got = {f: [] for f in (self.stdout, self.stderr) if f is not None}
+        readers = [threading.Thread(target=lambda f=f: got[f].extend(f), daemon=True) for f in got]
         for r in readers:
             r.start()
-        self.wait(timeout)
-        for r in readers:
-            r.join(timeout)
+        try:
+            self.wait(timeout)
+        finally:
+            for r in readers:
+                r.join(timeout)
         for s in self._sockets:
             s.close()
-        return got.get(self.stdout, ""), got.get(self.stderr) if self.stderr else None
+        return "".join(got[self.stdout]), "".join(got[self.stderr]) if self.stderr else None
 
 
 def stop_when(proc: "Forked", ready, sig, seconds: float = 120) -> None:
@@ -252,7 +254,7 @@ def stop_when(proc: "Forked", ready, sig, seconds: float = 120) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"{signal.Signals(sig).name} did not end the command in 60 s: {proc.communicate(10)}")
+        raise AssertionError(f"{signal.Signals(sig).name} did not end the command in 60 s: {proc.communicate(30)}")
 
 
 def run_cli(args: list[str], cwd=None, env: dict | None = None, timeout: float = 600):

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from fmnist_sweep.cli import main
 from tests.helpers import Forked, epochs_logged, lr_sweep, mlflow_runs, stop_when, trials
 
-EPOCHS = 20
+EPOCHS = 10
 
 
 def _stop_after_epoch(args, workdir, epochs: int, role="trial") -> Forked:
@@ -23,7 +23,7 @@ def _stop_after_epoch(args, workdir, epochs: int, role="trial") -> Forked:
 
 def test_a_stopped_trial_resumes_at_its_next_epoch_and_ends_as_an_unstopped_one(tiny_overrides, workdir, tmp_path):
     # Batches of 2: epochs long enough for the test to see the third one logged and stop the
-    # trial before its twentieth, however busy the machine.
+    # trial before its tenth, however busy the machine.
     line = [f"sweep={lr_sweep(tmp_path, 1)}", *tiny_overrides, f"trainer.epochs={EPOCHS}", "trainer.batch_size=2",
             "model.dropouts=0.3",
             "trainer.lr_schedule=onecycle", "trainer.augment.shift=2"]
