@@ -3,6 +3,7 @@ storage, and a stop signal taken as a clean stop."""
 
 import signal
 import sys
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -25,23 +26,31 @@ class Stopped(KeyboardInterrupt):
 
 
 _pending: int | None = None  # the stop signal taken, until raise_if_stopped raises it again
+_deferring = 0  # stops_deferred blocks in progress
+_owed: int | None = None  # a stop signal that arrived inside one, raised at its end
 
 
 def stop_on_signals() -> None:
     """SIGTERM and SIGHUP (what schedulers, `docker stop`, `kill` and a closed terminal send)
     raise Stopped in the main thread; a second one during the clean-up is ignored, so
     only SIGKILL cuts it short. Ctrl-C raises KeyboardInterrupt as Python's own handler does.
-    Each is also kept for raise_if_stopped."""
+    Each is also kept for raise_if_stopped; inside stops_deferred it waits for the block's end."""
     def stop(signum, _frame):
-        global _pending
+        global _pending, _owed
         _pending = signum
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        if _deferring:
+            _owed = signum
+            return
         raise Stopped(signum)
 
     def interrupt(signum, frame):
-        global _pending
+        global _pending, _owed
         _pending = signum
+        if _deferring:
+            _owed = signum
+            return
         signal.default_int_handler(signum, frame)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -50,6 +59,24 @@ def stop_on_signals() -> None:
     sys.unraisablehook = _quiet_stops
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (a background job's stays ignored)
         signal.signal(signal.SIGINT, interrupt)
+
+
+@contextmanager
+def stops_deferred():
+    """A block that a stop signal does not cut: one that arrives inside it is raised at its end
+    (or, where the block raised, by the next such block or raise_if_stopped). Writes to a store
+    run in one: a write cut half-way leaves its SQLite transaction to a clean-up that runs while
+    the exception unwinds, and the process's own closing writes (its run marked KILLED) wait
+    on that file's lock."""
+    global _deferring, _owed
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _owed is not None:
+        signum, _owed = _owed, None
+        raise Stopped(signum) if signum != signal.SIGINT else KeyboardInterrupt()
 
 
 def _quiet_stops(unraisable) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, stops_deferred
 
 PARAM_LIMIT = 100  # MLflow accepts at most 100 params per log_batch request
 # Fail a trial quickly when a tracking server is down, instead of retrying for minutes.
@@ -88,7 +88,8 @@ def sync_at_checkpoints(engine) -> None:
 
 
 class Tracker:
-    """One MLflow experiment; starts runs and writes them in batches."""
+    """One MLflow experiment; starts runs and writes them in batches. A stop signal that lands in
+    a run's write waits for the write's end (errors.stops_deferred)."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None, create: bool = True):
         """``create=False`` (read-only commands) neither makes the store nor the experiment:
@@ -165,6 +166,7 @@ class Tracker:
                 self.log(run.info.run_id, {}, tags={"optuna.state": state.name, "fmnist.failure": reason})
                 self.end(run.info.run_id, "KILLED")
 
+    @stops_deferred()
     def start(self, name: str, params: dict, tags: dict, parent_run_id: str | None = None) -> str:
         """A new run (child of ``parent_run_id`` if given) with its params and tags; its id."""
         from mlflow.entities import Param
@@ -180,6 +182,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT])
         return run_id
 
+    @stops_deferred()
     def log(self, run_id: str, metrics: dict[str, float], step: int | None = None,
             tags: dict | None = None) -> None:
         """One request for a whole epoch's metrics (and any tags)."""
@@ -191,6 +194,7 @@ class Tracker:
             metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
+    @stops_deferred()
     def log_datasets(self, run_id: str, splits: dict, source: str) -> None:
         """The run's data as MLflow dataset inputs, one request: ``splits`` maps a context
         (training, validation, test) to a data.Split; each is named fashion-mnist-CONTEXT and
@@ -221,6 +225,7 @@ class Tracker:
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))
 
+    @stops_deferred()
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 

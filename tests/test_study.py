@@ -639,3 +639,50 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, wo
     client, _ = mlflow_runs(workdir, "mine")
     failed = client.get_run(ts[0].user_attrs["mlflow_run_id"])
     assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"
+
+
+def _stopped_in_an_mlflow_write(argv: list[str], cwd: str, out: str) -> None:
+    """The study command, signalled (SIGTERM) by the MLflow store's database, at the moment it
+    writes the first trial's closing tag (optuna.state): in the middle of MLflow's transaction."""
+    import sys
+
+    from sqlalchemy import event
+
+    from fmnist_sweep import errors, tracking
+    from fmnist_sweep.cli import main
+
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
+    errors.stop_on_signals()
+    opened = tracking.Tracker.__init__
+
+    def signalled_on_the_closing_tag(conn, cursor, statement, parameters, context, executemany):
+        if "optuna.state" in str(parameters) and statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            os.kill(os.getpid(), signal.SIGTERM)  # (once: the handler ignores a second one)
+
+    def tracker(self, *a, **k):
+        opened(self, *a, **k)
+        event.listen(self.client._tracking_client.store.engine, "before_cursor_execute", signalled_on_the_closing_tag)
+
+    tracking.Tracker.__init__ = tracker
+    os.chdir(cwd)
+    os._exit(main(argv))
+
+
+def test_a_stop_signal_inside_an_mlflow_write_is_a_clean_stop(tiny_overrides, workdir, tmp_path):
+    """A stop that lands while MLflow writes a run (its SQLite transaction open) waits for that
+    write: one line, exit 143, no database error, no run left RUNNING."""
+    from fmnist_sweep import forks
+
+    out = tmp_path / "out"
+    proc = forks.context().Process(target=_stopped_in_an_mlflow_write,
+                                   args=([f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides], str(workdir), str(out)))
+    proc.start()
+    proc.join(120)
+    text, err = out.read_text(), Path(str(out) + ".err").read_text()
+    assert proc.exitcode == 143, text + err
+    assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
+                                "command"], err
+    _, runs = mlflow_runs(workdir, "mine")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (trial_run,) = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    assert trial_run.data.tags["optuna.state"] == trials(workdir, "mine")[0].state.name
