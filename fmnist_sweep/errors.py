@@ -3,6 +3,7 @@ storage, and a stop signal taken as a clean stop."""
 
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 
@@ -67,8 +68,12 @@ def stops_deferred():
     (or, where the block raised, by the next such block or raise_if_stopped). Writes to a store
     run in one: a write cut half-way leaves its SQLite transaction to a clean-up that runs while
     the exception unwinds, and the process's own closing writes (its run marked KILLED) wait
-    on that file's lock."""
+    on that file's lock. Only the main thread's blocks defer: signal handlers run in it alone, and
+    a stop owed to another thread's block would end that thread instead."""
     global _deferring, _owed
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _deferring += 1
     try:
         yield

@@ -686,3 +686,38 @@ def test_a_stop_signal_inside_an_mlflow_write_is_a_clean_stop(tiny_overrides, wo
     assert not [r for r in runs if r.info.status == "RUNNING"]
     (trial_run,) = [r for r in runs if "optuna.trial_number" in r.data.tags]
     assert trial_run.data.tags["optuna.state"] == trials(workdir, "mine")[0].state.name
+
+
+def _signalled_while_another_thread_writes() -> None:
+    """SIGTERM to this process while a background thread is inside a deferred write: the main
+    thread stops at once (exit 143), the thread's write is not where the stop waits."""
+    import threading
+    import time
+
+    from fmnist_sweep import errors
+
+    errors.stop_on_signals()
+    inside, done = threading.Event(), threading.Event()
+
+    def writer():
+        with errors.stops_deferred():
+            inside.set()
+            done.wait(30)
+
+    threading.Thread(target=writer, daemon=True).start()
+    inside.wait(30)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    except errors.Stopped:
+        os._exit(143)
+    os._exit(0)
+
+
+def test_a_stop_while_another_thread_writes_stops_the_main_thread():
+    from fmnist_sweep import forks
+
+    proc = forks.context().Process(target=_signalled_while_another_thread_writes)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 143
