@@ -81,7 +81,12 @@ def stops_deferred():
         _deferring -= 1
     if not _deferring and _owed is not None:
         signum, _owed = _owed, None
-        raise Stopped(signum) if signum != signal.SIGINT else KeyboardInterrupt()
+        raise _stop(signum)
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    """The exception a stop signal raises: KeyboardInterrupt for Ctrl-C, else Stopped."""
+    return Stopped(signum) if signum != signal.SIGINT else KeyboardInterrupt()
 
 
 def _quiet_stops(unraisable) -> None:
@@ -100,7 +105,7 @@ def raise_if_stopped() -> None:
     global _pending
     if _pending is not None:
         signum, _pending = _pending, None
-        raise Stopped(signum) if signum != signal.SIGINT else KeyboardInterrupt()
+        raise _stop(signum)
 
 
 def behind(e: BaseException | None, kinds) -> BaseException | None:

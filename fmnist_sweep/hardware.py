@@ -37,8 +37,8 @@ def device_label(setting: str) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)}" + (f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
 
 
-# Words in the names of oneDNN's instruction-set levels that hold bf16 instructions (ONEDNN_MAX_CPU_ISA).
-ONEDNN_BF16_LEVELS = ("BF16", "AMX", "FP16", "AVX10")
+# oneDNN's instruction-set levels (ONEDNN_MAX_CPU_ISA values) below its first bf16 level.
+ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def isa_cap() -> str:
@@ -49,7 +49,7 @@ def isa_cap() -> str:
     if aten in ("default", "avx2"):
         return f"ATEN_CPU_CAPABILITY={aten}"
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if onednn and onednn != "ALL" and not any(word in onednn for word in ONEDNN_BF16_LEVELS):
+    if onednn in ONEDNN_BELOW_BF16:
         return f"ONEDNN_MAX_CPU_ISA={onednn}"
     return ""
 
