@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import hashlib
 import re
 from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError
 
@@ -64,10 +69,45 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     return f"bad override: {first}"
 
 
-def _hydra(overrides: list[str]) -> DictConfig:
+def _hydra_whole(overrides: list[str]) -> DictConfig:
     """Hydra's composition of conf/config.yaml with these overrides, unresolved."""
     with initialize_config_dir(config_dir=str(resource_dir("conf")), version_base="1.3", job_name="fmnist_sweep"):
         return hydra_compose(config_name="config", overrides=overrides)
+
+
+@functools.lru_cache(maxsize=32)
+def _from_groups(group_overrides: tuple[str, ...]) -> DictConfig:
+    return _hydra_whole(list(group_overrides))
+
+
+def _hydra(overrides: list[str]) -> DictConfig:
+    """Hydra's composition, unresolved. Hydra builds the config from the line's config-group
+    choices (``model=cnn``, ``+experiment=x``: the defaults list), then applies the value changes
+    (``optimizer.lr=0.01``) in order, each with OmegaConf.update(merge=True). A study's trials
+    differ mostly in values, so the first part is cached per distinct group choices and the
+    changes are applied to a copy the same way. A line with anything else beside its groups
+    (``+key``, ``++key``, ``~key``, ``@package``, a sweep, ``hydra.*``) goes to Hydra whole."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return _hydra_whole(overrides)  # Hydra's own message for the bad syntax
+    conf = resource_dir("conf")
+    # Hydra's test of a group choice (its defaults list's): a group that exists, given a name.
+    groups = [o for o in parsed if (conf / o.key_or_group).is_dir() and not isinstance(o.value(), dict)]
+    changes = [o for o in parsed if o not in groups]
+    if any(o.type != OverrideType.CHANGE or o.package is not None or o.is_sweep_override() or o.is_hydra_override()
+           for o in changes):
+        return _hydra_whole(overrides)
+    cfg = copy.deepcopy(_from_groups(tuple(o.input_line for o in groups)))
+    for o in changes:  # as Hydra's own application of a change
+        try:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        except (ConfigAttributeError, ConfigKeyError) as e:
+            raise ConfigCompositionException(f"Could not override '{o.key_or_group}'.\nTo append to your config "
+                                             f"use +{o.input_line}") from e
+        except OmegaConfBaseException as e:
+            raise ConfigCompositionException(f"Error merging override {o.input_line}") from e
+    return cfg
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -525,18 +525,41 @@ def test_unknown_study_for_status_and_unknown_sweep(workdir, capsys):
     assert "unknown sweep 'quickstrat'" in err and "Did you mean quickstart?" in err
 
 
-@pytest.mark.parametrize("experiment", [e for e in group_options("experiment") if not e.startswith("keras_")])
-def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
-    """Every sweep's trials (group choices, conditional values, a user's value before them)
-    compose, each to Hydra's own composition of its whole line."""
+def _hydra_whole(line):
+    """Hydra's own composition of a whole line, resolved (what compose() must equal)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    def whole(line):
-        with initialize_config_dir(config_dir=str(resource_dir("conf")), version_base="1.3", job_name="t"):
-            cfg = hydra_compose(config_name="config", overrides=line)
-        return OmegaConf.to_container(cfg, resolve=True)
+    with initialize_config_dir(config_dir=str(resource_dir("conf")), version_base="1.3", job_name="t"):
+        cfg = hydra_compose(config_name="config", overrides=line)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("line", [
+    ["model=resnet", "optimizer.lr=0.5", "model=cnn", "optimizer.lr=0.25"],  # the last of each wins
+    ["model.widths=[8,16,32]", "model.dropouts=0.1", "trainer.ema=null", "seed=${trainer.epochs}"],
+    ["+experiment=quickstart", "++optimizer.lr=0.5", "optimizer.lr=0.75"],  # (an edit beside: Hydra whole)
+    ["~seed", "+seed=3", "model=rnn"],
+])
+def test_a_line_composes_as_hydra_composes_it_whole(line):
+    """Group choices, value changes in order, lists, null, interpolation, and +/++/~ edits: the
+    configuration Hydra composes from the whole line, and a change to it is the caller's alone."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(line)
+    assert OmegaConf.to_container(cfg) == _hydra_whole(line)
+    cfg.optimizer.lr = -1.0
+    assert compose(line).optimizer.lr != -1.0
+
+
+@pytest.mark.parametrize("experiment", [e for e in group_options("experiment") if not e.startswith("keras_")])
+def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
+    """Every sweep's trials (group choices, conditional values, a user's value before them)
+    compose, each to Hydra's own composition of its whole line."""
+    from omegaconf import OmegaConf
+
+    whole = _hydra_whole
 
     cfg = compose([f"+experiment={experiment}"])
     sweep = load_sweep(cfg.sweep)
