@@ -246,7 +246,7 @@ def _run_one(cfg, overrides, verbose) -> int:
     from .record import run
 
     t0 = time.perf_counter()
-    result = run(cfg, overrides)
+    result = run(cfg, overrides, log_model=cfg.tracking.get("log_models", "best") != "none")
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.startswith(("val/", "test/")))
     print(f"run {result.run_id} {result.status} in {time.perf_counter() - t0:.1f} s: {shown}")
     if result.status != "FINISHED":

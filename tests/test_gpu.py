@@ -21,7 +21,8 @@ FAMILIES = ("cnn", "resnet", "rnn", "bilstm", "autoencoder", "encoder_classifier
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains_on_the_gpu(family, tiny_overrides, workdir):
-    assert main([*tiny_overrides, f"model={family}", "trainer.device=cuda", "trainer.epochs=2"]) == 0
+    assert main([*tiny_overrides, f"model={family}", "trainer.device=cuda", "trainer.epochs=2",
+                 "tracking.log_models=best"]) == 0
     _, (r,) = mlflow_runs(workdir)
     assert r.info.status == "FINISHED" and r.data.tags["fmnist.device"] == "cuda"
     assert r.data.tags["fmnist.cpu_fast_paths"] == "False" and r.outputs.model_outputs
@@ -34,7 +35,7 @@ def test_every_family_trains_on_the_gpu(family, tiny_overrides, workdir):
 
 def test_cuda_graphs_train_the_residual_cnn(tiny_overrides, workdir):
     assert main([*tiny_overrides, "model=resnet", "trainer.device=cuda", "trainer.epochs=2",
-                 "trainer.compile=reduce-overhead"]) == 0
+                 "trainer.compile=reduce-overhead", "tracking.log_models=best"]) == 0
     _, (r,) = mlflow_runs(workdir)
     assert r.info.status == "FINISHED" and r.data.params["trainer.compile"] == "reduce-overhead"
     assert r.outputs.model_outputs

@@ -105,10 +105,10 @@ def test_finalize_registers_a_model_that_loads_without_the_package_and_serves(ti
 def test_runs_record_their_datasets_and_predict_reads_pictures_and_idx(tiny_overrides, workdir, tmp_path, capsys):
     from PIL import Image
 
-    assert main([*tiny_overrides, "trainer.test=true"]) == 0
-    assert main([*tiny_overrides, "data.split_seed=1", "trainer.test=false"]) == 0
+    assert main([*tiny_overrides, "trainer.test=true", "tracking.log_models=best"]) == 0
+    assert main([*tiny_overrides, "data.split_seed=1", "trainer.test=false"]) == 0  # (log_models=none)
     printed = capsys.readouterr().out
-    assert "model: models:/m-" in printed and "/#/experiments/" in printed
+    assert printed.count("model: models:/m-") == 1 and "/#/experiments/" in printed
     client, (first, second) = mlflow_runs(workdir)
     inputs = {r.info.run_id: {d.tags[0].value: d.dataset for d in r.inputs.dataset_inputs} for r in (first, second)}
     one, other = inputs[first.info.run_id], inputs[second.info.run_id]
@@ -117,6 +117,8 @@ def test_runs_record_their_datasets_and_predict_reads_pictures_and_idx(tiny_over
     assert one["validation"].digest != other["validation"].digest  # another split seed, another split
     (model,) = first.outputs.model_outputs
     assert client.get_logged_model(model.model_id).status.name == "READY"
+    assert not second.outputs.model_outputs and "weights/state_dict.pt" in [  # no Model; its weights kept
+        f.path for f in client.list_artifacts(second.info.run_id, "weights")]
 
     images, labels = real_test_images(200)
     folder = tmp_path / "pictures"
