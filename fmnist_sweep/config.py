@@ -91,10 +91,9 @@ def _hydra(overrides: list[str]) -> DictConfig:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
         return _hydra_whole(overrides)  # Hydra's own message for the bad syntax
-    conf = resource_dir("conf")
-    # Hydra's test of a group choice (its defaults list's): a group that exists, given a name.
-    groups = [o for o in parsed if (conf / o.key_or_group).is_dir() and not isinstance(o.value(), dict)]
-    changes = [o for o in parsed if o not in groups]
+    conf, groups, changes = resource_dir("conf"), [], []
+    for o in parsed:  # Hydra's test of a group choice (its defaults list's): a group that exists, given a name
+        (groups if (conf / o.key_or_group).is_dir() and not isinstance(o.value(), dict) else changes).append(o)
     if any(o.type != OverrideType.CHANGE or o.package is not None or o.is_sweep_override() or o.is_hydra_override()
            for o in changes):
         return _hydra_whole(overrides)

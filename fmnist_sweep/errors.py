@@ -37,22 +37,14 @@ def stop_on_signals() -> None:
     only SIGKILL cuts it short. Ctrl-C raises KeyboardInterrupt as Python's own handler does.
     Each is also kept for raise_if_stopped; inside stops_deferred it waits for the block's end."""
     def stop(signum, _frame):
-        global _pending, _owed
-        _pending = signum
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        if _deferring:
-            _owed = signum
-            return
-        raise Stopped(signum)
+        if not _take(signum):
+            raise Stopped(signum)
 
     def interrupt(signum, frame):
-        global _pending, _owed
-        _pending = signum
-        if _deferring:
-            _owed = signum
-            return
-        signal.default_int_handler(signum, frame)
+        if not _take(signum):
+            signal.default_int_handler(signum, frame)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup ignores SIGHUP: it stays ignored)
@@ -60,6 +52,16 @@ def stop_on_signals() -> None:
     sys.unraisablehook = _quiet_stops
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (a background job's stays ignored)
         signal.signal(signal.SIGINT, interrupt)
+
+
+def _take(signum: int) -> bool:
+    """Keep a stop signal for raise_if_stopped; True where a stops_deferred block is in progress
+    (the stop is then owed to the block's end, not raised now)."""
+    global _pending, _owed
+    _pending = signum
+    if _deferring:
+        _owed = signum
+    return bool(_deferring)
 
 
 @contextmanager

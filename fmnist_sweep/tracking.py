@@ -75,6 +75,11 @@ def _sync_at_checkpoints(dbapi_connection, record) -> None:
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
+def store_engine(client):
+    """The SQLAlchemy engine of an MlflowClient's database store; None for another store (HTTP)."""
+    return getattr(client._tracking_client.store, "engine", None)
+
+
 def sync_at_checkpoints(engine) -> None:
     """``engine``'s SQLite connections sync the log at checkpoints, not at every commit
     (synchronous=NORMAL, safe in WAL mode): an fsync per commit is a large share of an
@@ -107,7 +112,7 @@ class Tracker:
                 if local:
                     sqlite_wal(path)
                 self.client = MlflowClient(tracking_uri=self.uri)
-                if local and (engine := getattr(self.client._tracking_client.store, "engine", None)) is not None:
+                if local and (engine := store_engine(self.client)) is not None:
                     sync_at_checkpoints(engine)
                 if path is None or local:
                     self.experiment_id = self._experiment(experiment, artifact_root, create)

@@ -67,12 +67,12 @@ def test_local_stores_are_in_wal_mode_and_sync_at_checkpoints(tiny_overrides, wo
     workers on one machine read while another writes, and an fsync per checkpoint rather
     than per commit (an epoch's metrics are one commit)."""
     from fmnist_sweep.storage import make_storage
-    from fmnist_sweep.tracking import Tracker
+    from fmnist_sweep.tracking import Tracker, store_engine
 
     cfg = compose(tiny_overrides + ["+experiment=quickstart"])
     engines = {"optuna": make_storage(cfg.storage).engine}
     for _ in range(2):  # a second tracker on the same store (same engine in MLflow's cache)
-        engines["mlflow"] = Tracker(cfg.tracking.uri, "wal").client._tracking_client.store.engine
+        engines["mlflow"] = store_engine(Tracker(cfg.tracking.uri, "wal").client)
     for name, engine in engines.items():
         with engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal", name
@@ -559,8 +559,6 @@ def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
     compose, each to Hydra's own composition of its whole line."""
     from omegaconf import OmegaConf
 
-    whole = _hydra_whole
-
     cfg = compose([f"+experiment={experiment}"])
     sweep = load_sweep(cfg.sweep)
     study = optuna.create_study(directions=[d for _, d in sweep.objectives], sampler=optuna.samplers.RandomSampler(0))
@@ -570,7 +568,7 @@ def test_every_experiment_and_its_sweep_composes_a_trial(experiment):
         overrides = sweep.space.suggest(trial, lambda o: set(flat_keys(compose(base + o))))
         trial_cfg = compose(base + overrides)
         assert trial_cfg.sweep is None and trial_cfg.trainer.test is False and trial_cfg.trainer.epochs == 2
-        assert OmegaConf.to_container(trial_cfg) == whole(base + overrides), base + overrides
+        assert OmegaConf.to_container(trial_cfg) == _hydra_whole(base + overrides), base + overrides
         trial_cfg.seed = -1  # callers change their copy (a study turns trainer.progress off): not the next one's
         study.tell(trial, [0.5] * len(sweep.objectives))
 
@@ -684,7 +682,7 @@ def _stopped_in_an_mlflow_write(argv: list[str], cwd: str, out: str) -> None:
 
     def tracker(self, *a, **k):
         opened(self, *a, **k)
-        event.listen(self.client._tracking_client.store.engine, "before_cursor_execute", signalled_on_the_closing_tag)
+        event.listen(tracking.store_engine(self.client), "before_cursor_execute", signalled_on_the_closing_tag)
 
     tracking.Tracker.__init__ = tracker
     os.chdir(cwd)
