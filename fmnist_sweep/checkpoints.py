@@ -8,11 +8,12 @@ it. ``study.checkpoints``: delete (a finished run's checkpoint is removed), keep
 
 from __future__ import annotations
 
-import signal
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .errors import stops_deferred
 
 FOLDER, FILE = "checkpoint", "last.pt"
 
@@ -49,15 +50,10 @@ def restore(b, saved: dict, generator, scheduler, result) -> tuple[int, int, dic
 
 def save(tracker, run_id: str, saved: dict) -> None:
     """The run's checkpoint, replaced whole: a stop signal arriving meanwhile waits until it is written."""
-    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / FILE
-            torch.save(saved, path)
-            tracker.client.log_artifact(run_id, str(path), FOLDER)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    with stops_deferred(), tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / FILE
+        torch.save(saved, path)
+        tracker.client.log_artifact(run_id, str(path), FOLDER)
 
 
 def load(tracker, run_id: str) -> dict | None:

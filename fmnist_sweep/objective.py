@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from . import checkpoints, cores, hardware, record
 from .config import compose, config_fingerprint, flat_keys
-from .errors import StorageLost
+from .errors import StorageLost, stops_deferred
 from .recovery import Recovery
 from .storage import connection_errors
 from .sweep import Sweep
@@ -99,8 +99,10 @@ class Objective:
             if len(self.sweep.objectives) > 1 or metric not in metrics:
                 return False
             try:
-                trial.report(metrics[metric], epoch)
-                return trial.should_prune()
+                with stops_deferred():  # (a read cut half-way leaves SQLAlchemy's traceback on the way out)
+                    trial.report(metrics[metric], epoch)
+                    pruned = trial.should_prune()
+                return pruned
             except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
                 raise self.recovery.lost(trial.number, e) from e  # record.run then ends its run KILLED
         return report

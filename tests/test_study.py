@@ -662,51 +662,68 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, wo
     assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"
 
 
-def _stopped_in_an_mlflow_write(argv: list[str], cwd: str, out: str) -> None:
-    """The study command, signalled (SIGTERM) by the MLflow store's database, at the moment it
-    writes the first trial's closing tag (optuna.state): in the middle of MLflow's transaction."""
+# Where a stop lands: as MLflow writes the first trial's closing tag (optuna.state), in the middle
+# of its transaction; as Optuna has read a trial's reported values, its rows not yet fetched.
+STATEMENTS = {
+    "mlflow write": ("before_cursor_execute", lambda statement, parameters, seen: "optuna.state" in str(parameters)
+                     and statement.startswith(("INSERT", "UPDATE"))),
+    "optuna read": ("after_cursor_execute", lambda statement, parameters, seen: statement.startswith("SELECT")
+                    and "TRIAL_INTERMEDIATE_VALUES" in statement
+                    and any(s.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES") for s in seen)),
+}
+
+
+def _stopped_in_a_statement(argv: list[str], cwd: str, out: str, which: str) -> None:
+    """The study command, signalled (SIGTERM) by a store's database where STATEMENTS[which] says."""
     import sys
 
     from sqlalchemy import event
+    from sqlalchemy.engine import Engine
 
-    from fmnist_sweep import errors, tracking
+    from fmnist_sweep import errors
     from fmnist_sweep.cli import main
 
     sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
     errors.stop_on_signals()
-    opened = tracking.Tracker.__init__
+    seen, (when, lands) = [], STATEMENTS[which]
 
-    def signalled_on_the_closing_tag(conn, cursor, statement, parameters, context, executemany):
-        if "optuna.state" in str(parameters) and statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+    def signalled(conn, cursor, statement, parameters, context, executemany):
+        statement = statement.lstrip().upper()
+        if lands(statement, parameters, seen):
             os.kill(os.getpid(), signal.SIGTERM)  # (once: the handler ignores a second one)
+        seen.append(statement)
 
-    def tracker(self, *a, **k):
-        opened(self, *a, **k)
-        event.listen(tracking.store_engine(self.client), "before_cursor_execute", signalled_on_the_closing_tag)
-
-    tracking.Tracker.__init__ = tracker
+    event.listen(Engine, when, signalled)  # every engine of the process: both stores
     os.chdir(cwd)
     os._exit(main(argv))
 
 
-def test_a_stop_signal_inside_an_mlflow_write_is_a_clean_stop(tiny_overrides, workdir, tmp_path):
-    """A stop that lands while MLflow writes a run (its SQLite transaction open) waits for that
-    write: one line, exit 143, no database error, no run left RUNNING."""
+@pytest.mark.parametrize("which", STATEMENTS)
+def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_overrides, workdir, tmp_path):
+    """A stop that lands while MLflow writes a run (its SQLite transaction open) or while Optuna
+    reads for the pruner waits for that statement: one line, exit 143, no database error or
+    traceback, no run left RUNNING."""
     from fmnist_sweep import forks
 
     out = tmp_path / "out"
-    proc = forks.context().Process(target=_stopped_in_an_mlflow_write,
-                                   args=([f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides], str(workdir), str(out)))
+    proc = forks.context().Process(target=_stopped_in_a_statement, args=(
+        [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"], str(workdir), str(out), which))
     proc.start()
     proc.join(120)
     text, err = out.read_text(), Path(str(out) + ".err").read_text()
     assert proc.exitcode == 143, text + err
     assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
                                 "command"], err
+    assert "Traceback" not in text, text
     _, runs = mlflow_runs(workdir, "mine")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     (trial_run,) = [r for r in runs if "optuna.trial_number" in r.data.tags]
-    assert trial_run.data.tags["optuna.state"] == trials(workdir, "mine")[0].state.name
+    first = trials(workdir, "mine")[0]
+    if which == "mlflow write":  # the trial had ended: its run has its state
+        assert trial_run.data.tags["optuna.state"] == first.state.name
+    else:  # stopped while it trained: re-queued, its run KILLED as interrupted
+        assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
+        assert trial_run.info.status == "KILLED" and trial_run.data.tags["fmnist.failure"] == "interrupted (SIGTERM)"
 
 
 def _signalled_while_another_thread_writes() -> None:
