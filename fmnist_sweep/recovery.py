@@ -172,11 +172,13 @@ class Recovery:
             time.sleep(min(left, 10) + 0.5)
         self.end_orphans()
 
-    def close_run(self, number: int, state: str, failure: str | None = None) -> None:
+    def close_run(self, number: int, state: str, failure: str | None = None, status: str | None = None) -> None:
         """The MLflow run this process made for trial ``number``, if it still awaits its trial's
-        state, takes that state (and the failure's kind)."""
+        state, takes that state (and the failure's kind; and ``status``, where given, as its own)."""
         if (run := self.runs.pop(number, None)) is not None:
             self.tracker.log(run, {}, tags={"optuna.state": state, **({"fmnist.failure": failure} if failure else {})})
+            if status is not None:
+                self.tracker.end(run, status)
 
     def end_orphans(self) -> None:
         """This study's MLflow runs left RUNNING by trials Optuna has finished: ended KILLED."""
@@ -196,7 +198,8 @@ class Recovery:
                 number = trial.number
                 self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
                 self.retry(self.optuna, trial)
-                self.close_run(number, "FAIL", f"interrupted ({why}); re-queued for the next run")
+                # (a run that had ended training: its result is not the trial's, which runs again)
+                self.close_run(number, "FAIL", f"interrupted ({why}); re-queued for the next run", "KILLED")
             elif trial is not None:  # the stop came once its final state had reached the storage
                 self.close_run(trial.number, trial.state.name)
             self.tracker.end(self.parent_run_id, "KILLED")

@@ -470,6 +470,8 @@ def test_a_stop_signal_inside_optunas_tell_is_a_clean_stop(after_write, tiny_ove
     assert not [r for r in runs if r.info.status == "RUNNING"]
     (trial_run,) = [r for r in runs if "optuna.trial_number" in r.data.tags]
     assert trial_run.data.tags["optuna.state"] == ts[0].state.name
+    if not after_write:  # its run finished training, but the trial runs again: the run says it was stopped
+        assert trial_run.info.status == "KILLED" and "interrupted (SIGTERM)" in trial_run.data.tags["fmnist.failure"]
 
 
 def test_read_only_commands_leave_the_record_as_it_was(tiny_overrides, workdir, tmp_path, capsys):
