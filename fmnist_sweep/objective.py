@@ -45,7 +45,6 @@ class Objective:
     def __call__(self, trial: optuna.Trial):
         """One trial: its values; a lost storage connection or a trial taken over by another
         worker is not the trial's failure (StorageLost: the worker re-queues it)."""
-        self.recovery.started(trial)
         try:
             with self.cores.trial() if self.cores is not None else contextlib.nullcontext() as got:
                 if got:

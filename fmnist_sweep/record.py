@@ -59,14 +59,14 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
         tags = {**(tags or {}), "fmnist.resumed_from_run": resume[0], "fmnist.resumed_at_epoch": resume[1]["epoch"]}
     run_id = tracker.start(name or shlex.join(overrides) or "default", params, _run_tags(b, overrides, tags),
                            parent_run_id)
-    tracker.log_datasets(run_id, _inputs(b), b.data.source)
-    for h in resume[1]["history"] if resume is not None else []:
-        tracker.log(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
     result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
-    fingerprint = config_fingerprint(b.cfg)  # once per run: an epoch's checkpoint carries it
-    save = ((lambda state: checkpoints.save(tracker, run_id, {**state, "fingerprint": fingerprint}))
-            if checkpoint != "off" else None)
-    try:
+    try:  # (from the run's start: a stop or error as its inputs are logged ends it too)
+        tracker.log_datasets(run_id, _inputs(b), b.data.source)
+        for h in resume[1]["history"] if resume is not None else []:
+            tracker.log(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+        fingerprint = config_fingerprint(b.cfg)  # once per run: an epoch's checkpoint carries it
+        save = ((lambda state: checkpoints.save(tracker, run_id, {**state, "fingerprint": fingerprint}))
+                if checkpoint != "off" else None)
         train.fit(b, result, lambda epoch, metrics: tracker.log(run_id, metrics, step=epoch), report, save,
                   resume[1] if resume is not None else None)
         if result.status == "KILLED":

@@ -53,8 +53,8 @@ def _is_dead(process: str | None, me: str) -> bool:
 
 class Recovery:
     """One worker's recovery for its study. The study tells it which trial it runs
-    (``started``), which MLflow run awaits a trial's state (``opened``), how a trial ended
-    (``finished``), and hands it the errors it meets (``lost``, ``after_error``); it asks it
+    (``started``, as Optuna's ask hands it out), which MLflow run awaits a trial's state
+    (``opened``), how a trial ended (``finished``), and hands it the errors it meets (``lost``, ``after_error``); it asks it
     to ``recover`` before trials, ``settle`` after them, and to stop cleanly
     (``interrupted``). Recovery reads and writes only the Optuna study, its storage and
     the MLflow tracker it was given, never the Study object."""
@@ -195,11 +195,13 @@ class Recovery:
                 trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == self.current.number),
                              None)
             if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
-                number = trial.number
+                number, reason = trial.number, f"interrupted ({why}); re-queued for the next run"
                 self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
                 self.retry(self.optuna, trial)
                 # (a run that had ended training: its result is not the trial's, which runs again)
-                self.close_run(number, "FAIL", f"interrupted ({why}); re-queued for the next run", "KILLED")
+                self.close_run(number, "FAIL", reason, "KILLED")
+                # (a run the stop cut off as it was made, before its id came back)
+                self.tracker.end_orphans(self.optuna.study_name, {number: TrialState.FAIL}, reason)
             elif trial is not None:  # the stop came once its final state had reached the storage
                 self.close_run(trial.number, trial.state.name)
             self.tracker.end(self.parent_run_id, "KILLED")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from .config import compose
-from .errors import UserError, stop_behind, stop_name
+from .errors import UserError, stop_behind, stop_name, stops_deferred
 from .objective import Objective, TrialFailed
 from .recovery import Recovery
 from .storage import describe, make_storage, sqlite_path
@@ -57,6 +57,21 @@ def _base_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(drop)]
 
 
+class WorkerStudy(optuna.Study):
+    """Optuna's study with an ask that a stop signal does not cut: the trial it makes (or takes
+    from the queue) reaches ``asked`` (the worker's recovery) before a stop that arrived meanwhile
+    is raised, so the trial is failed and re-queued at once instead of left running with no owner."""
+
+    def asked(self, trial: optuna.Trial) -> None:
+        """Told each trial this process's ask hands out."""
+
+    def ask(self, fixed_distributions=None) -> optuna.Trial:
+        with stops_deferred():
+            trial = super().ask(fixed_distributions)
+            self.asked(trial)
+        return trial
+
+
 class Study:
     """An Optuna study bound to its sweep, its storage and its MLflow parent run.
     ``read_only`` (status, report, compare) writes nothing to the storage or to MLflow."""
@@ -69,17 +84,17 @@ class Study:
         self.n_trials = self.target = cfg.study.n_trials or self.sweep.n_trials
         self.storage = make_storage(cfg.storage)
         sampler, pruner = make_sampler(self.sweep, cfg.seed), make_pruner(self.sweep, cfg.trainer.epochs)
-        if read_only:
-            self.optuna = optuna.load_study(study_name=self.name, storage=self.storage, sampler=sampler, pruner=pruner)
-        else:
-            self.optuna = optuna.create_study(study_name=self.name, storage=self.storage, load_if_exists=True,
-                                              sampler=sampler, pruner=pruner,
-                                              directions=[d for _, d in self.sweep.objectives])
+        if not read_only:
+            optuna.create_study(study_name=self.name, storage=self.storage, load_if_exists=True,
+                                directions=[d for _, d in self.sweep.objectives])
+        self.optuna = WorkerStudy(self.name, self.storage, sampler, pruner)
+        if not read_only:
             self._first_time_or_same_space()
         self.tracker = Tracker(cfg.tracking.uri, self.name, cfg.tracking.artifact_root, create=not read_only)
         self.parent_run_id = self.tracker.parent_run(self.name, None if read_only else self._parent_spec())
         self.recovery = Recovery(self.optuna, self.storage, cfg.storage, self.tracker, self.parent_run_id)
         self.reconnecting = self.recovery.reconnecting
+        self.optuna.asked = self.recovery.started
         self.objective = Objective(cfg, self.sweep, self.base, self.optuna, self.tracker, self.parent_run_id,
                                    self.recovery)
 

@@ -276,8 +276,9 @@ def test_two_workers_on_a_grid_study_run_every_point_once(tiny_overrides, workdi
 
 def _start_and_stop_mid_trial(args, workdir, sig):
     """Start the study's command, send ``sig`` while a trial after a complete one trains (its
-    MLflow run has logged an epoch), however slow the machine; the process. The trial's other
-    epochs, test pass and record are the test's window: each look is one query per store."""
+    MLflow run has logged one to three epochs), however slow the machine; the process. The
+    trial's other epochs (five or more), test pass and record are the test's window: each look
+    is one query per store."""
     proc, made = Forked(args, workdir), []
 
     def mid_trial() -> bool:
@@ -286,7 +287,7 @@ def _start_and_stop_mid_trial(args, workdir, sig):
         ts = made[0].get_trials(deepcopy=False) if made else []
         logged = epochs_logged(workdir)
         return any(t.state == TrialState.COMPLETE for t in ts) and any(
-            t.state == TrialState.RUNNING and logged.get(str(t.number)) for t in ts)
+            t.state == TrialState.RUNNING and 0 < logged.get(str(t.number), 0) <= 3 for t in ts)
 
     stop_when(proc, mid_trial, sig)
     return proc
@@ -665,8 +666,14 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, wo
 
 
 # Where a stop lands: as MLflow writes the first trial's closing tag (optuna.state), in the middle
-# of its transaction; as Optuna has read a trial's reported values, its rows not yet fetched.
+# of its transaction; as Optuna has read a trial's reported values, its rows not yet fetched; as
+# MLflow makes the first trial's run (after the study's parent run), before its id comes back; as
+# MLflow writes that run's dataset inputs, before its training.
 STATEMENTS = {
+    "mlflow run": ("before_cursor_execute", lambda statement, parameters, seen: statement.startswith(
+                   "INSERT INTO RUNS ") and any(s.startswith("INSERT INTO RUNS ") for s in seen)),
+    "mlflow inputs": ("before_cursor_execute", lambda statement, parameters, seen:
+                      statement.startswith("INSERT INTO INPUTS ")),
     "mlflow write": ("before_cursor_execute", lambda statement, parameters, seen: "optuna.state" in str(parameters)
                      and statement.startswith(("INSERT", "UPDATE"))),
     "optuna read": ("after_cursor_execute", lambda statement, parameters, seen: statement.startswith("SELECT")
@@ -700,16 +707,13 @@ def _stopped_in_a_statement(argv: list[str], cwd: str, out: str, which: str) -> 
     os._exit(main(argv))
 
 
-@pytest.mark.parametrize("which", STATEMENTS)
-def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_overrides, workdir, tmp_path):
-    """A stop that lands while MLflow writes a run (its SQLite transaction open) or while Optuna
-    reads for the pruner waits for that statement: one line, exit 143, no database error or
-    traceback, no run left RUNNING."""
+def _stopped_cleanly(target, argv: list[str], workdir, tmp_path, *more) -> None:
+    """Run ``target`` (a study command that signals itself) in a fork: exit 143, the one stop
+    line, no traceback."""
     from fmnist_sweep import forks
 
     out = tmp_path / "out"
-    proc = forks.context().Process(target=_stopped_in_a_statement, args=(
-        [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"], str(workdir), str(out), which))
+    proc = forks.context().Process(target=target, args=(argv, str(workdir), str(out), *more))
     proc.start()
     proc.join(120)
     text, err = out.read_text(), Path(str(out) + ".err").read_text()
@@ -717,6 +721,15 @@ def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_o
     assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
                                 "command"], err
     assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("which", STATEMENTS)
+def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_overrides, workdir, tmp_path):
+    """A stop that lands while MLflow makes or writes a run (its SQLite transaction open) or while
+    Optuna reads for the pruner waits for that statement: one line, exit 143, no database error or
+    traceback, no run left RUNNING."""
+    _stopped_cleanly(_stopped_in_a_statement, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"],
+                     workdir, tmp_path, which)
     _, runs = mlflow_runs(workdir, "mine")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     (trial_run,) = [r for r in runs if "optuna.trial_number" in r.data.tags]
@@ -725,7 +738,8 @@ def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_o
         assert trial_run.data.tags["optuna.state"] == first.state.name
     else:  # stopped while it trained: re-queued, its run KILLED as interrupted
         assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
-        assert trial_run.info.status == "KILLED" and trial_run.data.tags["fmnist.failure"] == "interrupted (SIGTERM)"
+        assert trial_run.info.status == "KILLED"
+        assert trial_run.data.tags["fmnist.failure"].startswith("interrupted (SIGTERM)")
 
 
 def _signalled_while_another_thread_writes() -> None:
@@ -752,6 +766,47 @@ def _signalled_while_another_thread_writes() -> None:
     except errors.Stopped:
         os._exit(143)
     os._exit(0)
+
+
+def _stopped_as_a_trial_is_created(argv: list[str], cwd: str, out: str) -> None:
+    """The study command, signalled (SIGTERM) just after Optuna's ask has committed the new
+    trial's row, before ask returns it: the moment between two trials."""
+    import sys
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
+
+    from fmnist_sweep import errors
+    from fmnist_sweep.cli import main
+
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
+    errors.stop_on_signals()
+    created = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO TRIALS "):
+            created.append(statement)
+
+    def committed(session):
+        if created:
+            os.kill(os.getpid(), signal.SIGTERM)  # (once: the handler ignores a second one)
+
+    event.listen(Engine, "after_cursor_execute", seen)
+    event.listen(Session, "after_commit", committed)
+    os.chdir(cwd)
+    os._exit(main(argv))
+
+
+def test_a_stop_as_optunas_ask_creates_a_trial_re_queues_that_trial(tiny_overrides, workdir, tmp_path):
+    """A stop that lands inside Optuna's ask, once the new trial is in the storage, waits for ask
+    to hand the trial out: the trial is failed as interrupted and re-queued, none left RUNNING."""
+    _stopped_cleanly(_stopped_as_a_trial_is_created, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
+                     workdir, tmp_path)
+    (first, again) = trials(workdir, "mine")
+    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
+    assert again.state == TrialState.WAITING
+    assert not [r for r in mlflow_runs(workdir, "mine")[1] if "optuna.trial_number" in r.data.tags]
 
 
 def test_a_stop_while_another_thread_writes_stops_the_main_thread():
