@@ -21,24 +21,35 @@ def _pyplot():
     return plt
 
 
-def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, out: Path, split: str) -> dict:
-    """Precision/recall/F1/support per class (the studies' table), as CSV and text."""
-    from sklearn.metrics import classification_report
+def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Counts of (true class, predicted class) over the classes, rows true."""
+    k = len(CLASSES)
+    return np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
 
-    labels = list(range(len(CLASSES)))
-    report = classification_report(y_true, y_pred, labels=labels, target_names=CLASSES,
-                                    digits=4, output_dict=True, zero_division=0)
-    text = classification_report(y_true, y_pred, labels=labels, target_names=CLASSES,
-                                 digits=4, zero_division=0)
-    (out / f"classification_report_{split}.txt").write_text(text)
+
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, out: Path, split: str) -> None:
+    """Precision/recall/F1/support per class, then their plain and support-weighted means (a
+    class never predicted or never present scores 0), as CSV and as a text table."""
+    cm = confusion(y_true, y_pred)
+    hits, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    precision = np.divide(hits, predicted, out=np.zeros(len(hits)), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros(len(hits)), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(len(hits)), where=both > 0)
+    total, weights = int(support.sum()), support / max(1, support.sum())
+    rows = [(name, precision[i], recall[i], f1[i], int(support[i])) for i, name in enumerate(CLASSES)]
+    rows += [("macro avg", precision.mean(), recall.mean(), f1.mean(), total),
+             ("weighted avg", precision @ weights, recall @ weights, f1 @ weights, total)]
     with open(out / f"classification_report_{split}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "precision", "recall", "f1-score", "support"])
-        for name in list(CLASSES) + ["macro avg", "weighted avg"]:
-            r = report[name]
-            w.writerow([name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1-score']:.4f}",
-                        int(r["support"])])
-    return report
+        w.writerows([name, f"{p:.4f}", f"{r:.4f}", f"{f1_:.4f}", n] for name, p, r, f1_, n in rows)
+    line = "{:>14} {:>10} {:>10} {:>10} {:>10}".format
+    text = [line("", "precision", "recall", "f1-score", "support"), ""]
+    text += [line(name, f"{p:.4f}", f"{r:.4f}", f"{f1_:.4f}", n) for name, p, r, f1_, n in rows[:-2]]
+    text += ["", line("accuracy", "", "", f"{hits.sum() / max(1, total):.4f}", total)]
+    text += [line(name, f"{p:.4f}", f"{r:.4f}", f"{f1_:.4f}", n) for name, p, r, f1_, n in rows[-2:]]
+    (out / f"classification_report_{split}.txt").write_text("\n".join(text) + "\n")
 
 
 # One figure per kind and shape, built once per process and redrawn with each run's data:
@@ -58,9 +69,7 @@ def _figure(key, build):
 
 def confusion_matrix_png(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> None:
     """The confusion matrix of ``y_true`` against ``y_pred`` as a PNG, counts in the cells."""
-    from sklearn.metrics import confusion_matrix
-
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(CLASSES))))
+    cm = confusion(y_true, y_pred)
 
     def build(Figure):
         fig = Figure(figsize=(7.5, 6.5))
@@ -172,7 +181,6 @@ def latent_plot(run_id: str, client, path: Path, n: int = 2000) -> str:
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-    from sklearn.decomposition import PCA
 
     from . import data as fmnist
 
@@ -187,7 +195,8 @@ def latent_plot(run_id: str, client, path: Path, n: int = 2000) -> str:
     with torch.no_grad():
         z = model.encoder(split.x[:n]).numpy()
     y = split.y[:n].numpy()
-    xy = PCA(n_components=2, random_state=0).fit_transform(z)
+    centred = z - z.mean(0)
+    xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # the two principal components
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for c, label in enumerate(CLASSES):

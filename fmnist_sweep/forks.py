@@ -17,10 +17,10 @@ import time
 
 # What a run's process imports by the end of its first run: before its first batch (MLflow's
 # client and the embedded store are imported when the study or run opens them; torch._dynamo
-# on the first optimizer step), and sklearn.metrics for the per-class table at the run's end.
-# The artifacts' plotting libraries are left to the children that draw them.
+# on the first optimizer step). The artifacts' plotting libraries are left to the children
+# that draw them.
 PRELOAD = ["fmnist_sweep.study", "fmnist_sweep.record", "torch._dynamo", "mlflow.tracking",
-           "mlflow.store.tracking.sqlalchemy_store", "sklearn.metrics"]
+           "mlflow.store.tracking.sqlalchemy_store"]
 
 
 def context():

@@ -1,6 +1,8 @@
-"""A run's pictures: drawn on figures a process builds once and reuses for every run
-(a worker draws them for each trial), so a picture must not keep anything of the run
-drawn before it."""
+"""A run's tables and pictures. The pictures are drawn on figures a process builds once and
+reuses for every run (a worker draws them for each trial), so a picture must not keep
+anything of the run drawn before it."""
+
+import csv
 
 import numpy as np
 import pytest
@@ -57,3 +59,20 @@ def test_curves_without_validation_or_accuracy_get_their_own_figures(tmp_path):
         shapes[keys] = _pixels(path).shape
     assert shapes[CURVES] == (400, 1000, 4) and shapes[("train/loss",)] == (400, 550, 4)
     assert len(artifacts._FIGURES) == 3
+
+
+def test_the_per_class_table_scores_each_class_and_their_means(tmp_path):
+    """Five images, counted by hand: a class predicted but never right, a class present but never
+    predicted and the seven absent ones score 0 where they divide by 0; the means cover all ten."""
+    artifacts.per_class_table(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), tmp_path, "test")
+    rows = {r.pop("class"): list(r.values()) for r in csv.DictReader(open(tmp_path / "classification_report_test.csv"))}
+    assert list(rows) == [*artifacts.CLASSES, "macro avg", "weighted avg"]
+    assert rows["T-shirt/top"] == ["0.5000", "0.5000", "0.5000", "2"]  # 1 of 2 right, 1 of 2 predicted
+    assert rows["Trouser"] == ["0.6667", "1.0000", "0.8000", "2"]
+    assert rows["Pullover"] == ["0.0000", "0.0000", "0.0000", "1"] and rows["Dress"] == ["0.0000"] * 3 + ["0"]
+    assert rows["macro avg"] == ["0.1167", "0.1500", "0.1300", "5"]
+    assert rows["weighted avg"] == ["0.4667", "0.6000", "0.5200", "5"]
+    text = (tmp_path / "classification_report_test.txt").read_text().splitlines()
+    assert text[0].split() == ["precision", "recall", "f1-score", "support"]
+    assert "accuracy 0.6000 5" in " ".join(" ".join(text).split())
+    assert text[-1].split() == ["weighted", "avg", "0.4667", "0.6000", "0.5200", "5"]
