@@ -17,7 +17,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from .errors import UserError, behind
+from .errors import UserError, behind, stops_deferred
 from .tracking import first_creates, sqlite_wal, sync_at_checkpoints
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
@@ -46,13 +46,16 @@ class WorkerStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage as one worker process uses it.
 
     ``held`` is the waiting trial (enqueued, or re-queued) this process last took: after a
-    cut inside ``study.ask`` the worker knows which trial to fail and re-queue. A heartbeat that meets a cut connection is skipped rather than ending
-    Optuna's heartbeat thread, so a trial that outlives an outage keeps beating."""
+    cut inside ``study.ask`` the worker knows which trial to fail and re-queue. A trial's state
+    is written whole before a stop signal is raised (Optuna's tell keeps a finished trial's result).
+    A heartbeat that meets a cut connection is skipped rather than ending Optuna's heartbeat
+    thread, so a trial that outlives an outage keeps beating."""
 
     held: int | None = None
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
-        taken = super().set_trial_state_values(trial_id, state=state, values=values)
+        with stops_deferred():
+            taken = super().set_trial_state_values(trial_id, state=state, values=values)
         if taken and state == TrialState.RUNNING:
             self.held = trial_id
         return taken

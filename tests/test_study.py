@@ -668,8 +668,11 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(tiny_overrides, wo
 # Where a stop lands: as MLflow writes the first trial's closing tag (optuna.state), in the middle
 # of its transaction; as Optuna has read a trial's reported values, its rows not yet fetched; as
 # MLflow makes the first trial's run (after the study's parent run), before its id comes back; as
-# MLflow writes that run's dataset inputs, before its training.
+# MLflow writes that run's dataset inputs, before its training; as Optuna writes the first
+# trial's final state.
 STATEMENTS = {
+    "optuna write": ("before_cursor_execute", lambda statement, parameters, seen:
+                     statement.startswith("UPDATE TRIALS SET STATE") and "COMPLETE" in str(parameters)),
     "mlflow run": ("before_cursor_execute", lambda statement, parameters, seen: statement.startswith(
                    "INSERT INTO RUNS ") and any(s.startswith("INSERT INTO RUNS ") for s in seen)),
     "mlflow inputs": ("before_cursor_execute", lambda statement, parameters, seen:
@@ -736,6 +739,9 @@ def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_o
     first = trials(workdir, "mine")[0]
     if which == "mlflow write":  # the trial had ended: its run has its state
         assert trial_run.data.tags["optuna.state"] == first.state.name
+    elif which == "optuna write":  # the state written whole first: the result is kept
+        assert first.state == TrialState.COMPLETE and "fmnist.interrupted" not in first.user_attrs
+        assert trial_run.info.status == "FINISHED" and trial_run.data.tags["optuna.state"] == "COMPLETE"
     else:  # stopped while it trained: re-queued, its run KILLED as interrupted
         assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
         assert trial_run.info.status == "KILLED"
