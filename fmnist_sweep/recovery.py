@@ -54,9 +54,9 @@ def _is_dead(process: str | None, me: str) -> bool:
 class Recovery:
     """One worker's recovery for its study. The study tells it which trial it runs
     (``started``, as Optuna's ask hands it out), which MLflow run awaits a trial's state
-    (``opened``), how a trial ended (``finished``), and hands it the errors it meets (``lost``, ``after_error``); it asks it
-    to ``recover`` before trials, ``settle`` after them, and to stop cleanly
-    (``interrupted``). Recovery reads and writes only the Optuna study, its storage and
+    (``opened``), how a trial ended (``finished``), and hands it the errors it meets (``lost``,
+    ``after_error``); it asks it to ``recover`` before trials, ``settle`` after them, and to
+    stop cleanly (``interrupted``). Recovery reads and writes only the Optuna study, its storage and
     the MLflow tracker it was given, never the Study object."""
 
     def __init__(self, study: optuna.Study, storage, storage_cfg, tracker, parent_run_id: str | None):
@@ -141,8 +141,9 @@ class Recovery:
     def _abandoned(self, t, held: int | None) -> bool:
         """A trial no worker will finish: the one a lost connection stopped here (running, or
         failed by it), the waiting trial this worker holds (taken from the queue when the
-        connection was lost), one whose process on this host is gone, or one still without an owner a grace period after it started (its worker
-        died or was cut off inside Optuna's ask, before the trial reached the objective)."""
+        connection was lost), one whose process on this host is gone, or one still without an
+        owner a grace period after it started (its worker died or was cut off inside Optuna's
+        ask, before the trial reached the objective)."""
         if t.state == TrialState.FAIL:
             return t.number == self.cut
         if t.state != TrialState.RUNNING:

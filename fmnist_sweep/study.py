@@ -84,7 +84,7 @@ class Study:
         self.n_trials = self.target = cfg.study.n_trials or self.sweep.n_trials
         self.storage = make_storage(cfg.storage)
         sampler, pruner = make_sampler(self.sweep, cfg.seed), make_pruner(self.sweep, cfg.trainer.epochs)
-        if not read_only:
+        if not read_only:  # (Optuna makes the study if it is new; this process then opens it as a WorkerStudy)
             optuna.create_study(study_name=self.name, storage=self.storage, load_if_exists=True,
                                 directions=[d for _, d in self.sweep.objectives])
         self.optuna = WorkerStudy(self.name, self.storage, sampler, pruner)
