@@ -347,8 +347,9 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     assert "Traceback" not in out, out
     ts = trials(workdir, "mine")
     stopped = [t for t in ts if t.state == TrialState.FAIL]
-    assert stopped and all(t.user_attrs.get("fmnist.interrupted") == t.number for t in stopped)
-    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    why = [(t.number, t.state.name, t.user_attrs) for t in ts], out  # (what a failure here shows)
+    assert stopped and all(t.user_attrs.get("fmnist.interrupted") == t.number for t in stopped), why
+    assert not [t for t in ts if t.state == TrialState.RUNNING], why
     waiting = [t.params for t in ts if t.state == TrialState.WAITING]
     assert all(t.params in waiting for t in stopped)  # re-queued with the same parameters
     _, runs = mlflow_runs(workdir, "mine")
