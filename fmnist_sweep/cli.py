@@ -164,6 +164,21 @@ def entry() -> None:
     import gc
 
     gc.freeze()
+    leave(code)
+
+
+def leave(code: int) -> None:
+    """Exit with ``code``. A stop can cut a library's non-daemon thread off from the code that
+    ends it (Optuna's heartbeat thread, when the stop lands as a trial's heartbeat starts), and
+    the interpreter's exit would wait for that thread for ever: after a stop (a code above 128)
+    with such a thread alive, the process exits at once, its output flushed."""
+    import threading
+
+    if code > 128 and any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                          if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -60,4 +60,4 @@ def cli_child(argv: list[str], env: dict, out, err=None) -> None:
     for sock in {out, err}:
         sock.close()
     stop_on_signals()
-    sys.exit(cli.main(argv))
+    cli.leave(cli.main(argv))

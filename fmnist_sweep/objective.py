@@ -79,8 +79,8 @@ class Objective:
             return self._reuse(trial, twin, line, tags)
         result = record.run(cfg, line, report=self._reporter(trial), parent_run_id=self.parent_run_id, tags=tags,
                             tracker=self.tracker, name=f"trial {trial.number}", log_model=self._log_model(),
-                            checkpoint=self.cfg.study.get("checkpoints", "off"), resume=self._resumable(trial, fp))
-        self.recovery.opened(trial.number, result.run_id)
+                            checkpoint=self.cfg.study.get("checkpoints", "off"), resume=self._resumable(trial, fp),
+                            opened=lambda run_id: self.recovery.opened(trial.number, run_id))
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if result.status == "KILLED":
             raise optuna.TrialPruned(result.message)

@@ -35,7 +35,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = None,
         tags: dict | None = None, tracker: Tracker | None = None, name: str | None = None,
-        log_model=True, checkpoint: str = "off", resume: tuple[str, dict] | None = None) -> RunResult:
+        log_model=True, checkpoint: str = "off", resume: tuple[str, dict] | None = None,
+        opened=None) -> RunResult:
     """Train ``cfg`` and record it as one MLflow run: build, fit, record.
 
     ``report(epoch, metrics) -> bool`` is called after every epoch; True stops the run as
@@ -43,7 +44,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     ``log_model``: whether a finished run logs its MLflow Model, or a function of the
     RunResult (its final metrics) that says so. ``checkpoint`` (study.checkpoints): each epoch
     saved for a retry (delete: removed once the run ends, keep, off); ``resume``: (a stopped
-    run's id, its checkpoint) to go on from, its epochs' metrics copied into this run."""
+    run's id, its checkpoint) to go on from, its epochs' metrics copied into this run;
+    ``opened(run_id)``: told the run's id as soon as it is made (a study's recovery)."""
     validate(cfg)
     t_start = time.perf_counter()
     hardware.prepare(cfg.trainer.threads)
@@ -61,6 +63,8 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
                            parent_run_id)
     result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
     try:  # (from the run's start: a stop or error as its inputs are logged ends it too)
+        if opened is not None:
+            opened(run_id)
         tracker.log_datasets(run_id, _inputs(b), b.data.source)
         for h in resume[1]["history"] if resume is not None else []:
             tracker.log(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])

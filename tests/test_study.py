@@ -357,7 +357,9 @@ def test_sigterm_to_workers_is_a_clean_stop_and_one_worker_finishes_the_budget(t
     # (a worker's trial stopped before it made its MLflow run has none)
     stopped_runs = [r for r in runs if r.data.tags.get("optuna.trial_number") in {str(t.number) for t in stopped}]
     assert stopped_runs and all(r.info.status == "KILLED" and "interrupted (SIGTERM)" in r.data.tags["fmnist.failure"]
-                                for r in stopped_runs)
+                                for r in stopped_runs), ([(r.data.tags.get("optuna.trial_number"), r.info.status, {
+                                    k: v for k, v in r.data.tags.items() if k.startswith(("fmnist.f", "optuna.s"))})
+                                    for r in stopped_runs], why)
 
     done = run_cli(line, workdir)
     assert done.returncode == 0, done.stderr
@@ -721,6 +723,7 @@ def _stopped_cleanly(target, argv: list[str], workdir, tmp_path, *more) -> None:
     proc.start()
     proc.join(120)
     text, err = out.read_text(), Path(str(out) + ".err").read_text()
+    proc.kill()  # (one still running has failed the test)
     assert proc.exitcode == 143, text + err
     assert err.splitlines() == ["stopped by SIGTERM: the MLflow run is marked KILLED; a study resumes with the same "
                                 "command"], err
@@ -803,6 +806,69 @@ def _stopped_as_a_trial_is_created(argv: list[str], cwd: str, out: str) -> None:
     event.listen(Session, "after_commit", committed)
     os.chdir(cwd)
     os._exit(main(argv))
+
+
+def _stopped_as_a_run_returns(argv: list[str], cwd: str, out: str) -> None:
+    """The study command, signalled (SIGTERM) as the first trial's run returns, finished, to the
+    objective: the stop lands before Optuna is told the trial's result."""
+    import sys
+
+    from fmnist_sweep import errors, record
+    from fmnist_sweep.cli import main
+
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
+    errors.stop_on_signals()
+    run = record.run
+
+    def stopped_on_return(*args, **kwargs):
+        result = run(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    record.run = stopped_on_return
+    os.chdir(cwd)
+    os._exit(main(argv))
+
+
+def test_a_stop_as_a_finished_run_returns_ends_that_run_killed(tiny_overrides, workdir, tmp_path):
+    """A trial whose run had finished when the stop came is re-queued (Optuna never got its
+    result), so its run ends KILLED as interrupted, not FINISHED beside a failed trial."""
+    _stopped_cleanly(_stopped_as_a_run_returns, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides], workdir,
+                     tmp_path)
+    first = trials(workdir, "mine")[0]
+    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
+    (run,) = [r for r in mlflow_runs(workdir, "mine")[1] if "optuna.trial_number" in r.data.tags]
+    assert run.info.status == "KILLED" and run.data.tags["fmnist.failure"].startswith("interrupted (SIGTERM)")
+
+
+def _stopped_beside_a_thread_that_never_ends(argv: list[str], cwd: str, out: str) -> None:
+    """The study command with a non-daemon thread that nothing ends (as Optuna's heartbeat thread
+    is when a stop lands as it starts), signalled (SIGTERM) at its first epoch's report; its exit
+    is the command's own (cli.leave)."""
+    import sys
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from fmnist_sweep import cli, errors
+
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
+    errors.stop_on_signals()
+    threading.Thread(target=threading.Event().wait).start()
+
+    def reported(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    event.listen(Engine, "after_cursor_execute", reported)
+    os.chdir(cwd)
+    cli.leave(cli.main(argv))
+
+
+def test_a_stop_exits_though_a_library_thread_would_never_end(tiny_overrides, workdir, tmp_path):
+    _stopped_cleanly(_stopped_beside_a_thread_that_never_ends,
+                     [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"], workdir, tmp_path)
 
 
 def test_a_stop_as_optunas_ask_creates_a_trial_re_queues_that_trial(tiny_overrides, workdir, tmp_path):
