@@ -40,15 +40,13 @@ def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, out: Path, split: st
     rows = [(name, precision[i], recall[i], f1[i], int(support[i])) for i, name in enumerate(CLASSES)]
     rows += [("macro avg", precision.mean(), recall.mean(), f1.mean(), total),
              ("weighted avg", precision @ weights, recall @ weights, f1 @ weights, total)]
+    cells = [[name, *(f"{v:.4f}" for v in scores), n] for name, *scores, n in rows]
+    header = ["class", "precision", "recall", "f1-score", "support"]
     with open(out / f"classification_report_{split}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "precision", "recall", "f1-score", "support"])
-        w.writerows([name, f"{p:.4f}", f"{r:.4f}", f"{f1_:.4f}", n] for name, p, r, f1_, n in rows)
+        csv.writer(f).writerows([header, *cells])
     line = "{:>14} {:>10} {:>10} {:>10} {:>10}".format
-    text = [line("", "precision", "recall", "f1-score", "support"), ""]
-    text += [line(name, f"{p:.4f}", f"{r:.4f}", f"{f1_:.4f}", n) for name, p, r, f1_, n in rows[:-2]]
-    text += ["", line("accuracy", "", "", f"{hits.sum() / max(1, total):.4f}", total)]
-    text += [line(name, f"{p:.4f}", f"{r:.4f}", f"{f1_:.4f}", n) for name, p, r, f1_, n in rows[-2:]]
+    text = [line("", *header[1:]), "", *(line(*c) for c in cells[:-2]), "",
+            line("accuracy", "", "", f"{hits.sum() / max(1, total):.4f}", total), *(line(*c) for c in cells[-2:])]
     (out / f"classification_report_{split}.txt").write_text("\n".join(text) + "\n")
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoints, hardware, served, train
 from .config import compose, config_fingerprint, validate
-from .errors import StorageLost, UserError, stop_name
+from .errors import StorageLost, UserError, stop_name, stops_deferred
 from .models import count_params
 from .models.fast import private_ops_allowed
 from .tracking import Tracker, git_commit, resolve_checkpoint
@@ -59,12 +59,13 @@ def run(cfg: DictConfig, overrides=(), report=None, parent_run_id: str | None = 
     params["model.n_params"] = count_params(b.model)
     if resume is not None:
         tags = {**(tags or {}), "fmnist.resumed_from_run": resume[0], "fmnist.resumed_at_epoch": resume[1]["epoch"]}
-    run_id = tracker.start(name or shlex.join(overrides) or "default", params, _run_tags(b, overrides, tags),
-                           parent_run_id)
-    result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
-    try:  # (from the run's start: a stop or error as its inputs are logged ends it too)
+    with stops_deferred():  # (a stop as the run is made waits until its id is told)
+        run_id = tracker.start(name or shlex.join(overrides) or "default", params, _run_tags(b, overrides, tags),
+                               parent_run_id)
         if opened is not None:
             opened(run_id)
+    result = RunResult("RUNNING", run_id, b.monitor, None, experiment_id=tracker.experiment_id)
+    try:  # (from the run's start: a stop or error as its inputs are logged ends it too)
         tracker.log_datasets(run_id, _inputs(b), b.data.source)
         for h in resume[1]["history"] if resume is not None else []:
             tracker.log(run_id, {k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])

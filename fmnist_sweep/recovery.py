@@ -56,8 +56,8 @@ class Recovery:
     (``started``, as Optuna's ask hands it out), which MLflow run awaits a trial's state
     (``opened``), how a trial ended (``finished``), and hands it the errors it meets (``lost``,
     ``after_error``); it asks it to ``recover`` before trials, ``settle`` after them, and to
-    stop cleanly (``interrupted``). Recovery reads and writes only the Optuna study, its storage and
-    the MLflow tracker it was given, never the Study object."""
+    stop cleanly (``interrupted``). Recovery reads and writes only the Optuna study, its
+    storage and the MLflow tracker it was given, never the Study object."""
 
     def __init__(self, study: optuna.Study, storage, storage_cfg, tracker, parent_run_id: str | None):
         self.optuna, self.storage, self.storage_cfg = study, storage, storage_cfg
@@ -196,13 +196,11 @@ class Recovery:
                 trial = next((t for t in self.optuna.get_trials(deepcopy=False) if t.number == self.current.number),
                              None)
             if trial is not None and trial.state in (TrialState.RUNNING, TrialState.FAIL):
-                number, reason = trial.number, f"interrupted ({why}); re-queued for the next run"
+                number = trial.number
                 self.optuna.tell(number, state=TrialState.FAIL, skip_if_finished=True)
                 self.retry(self.optuna, trial)
                 # (a run that had ended training: its result is not the trial's, which runs again)
-                self.close_run(number, "FAIL", reason, "KILLED")
-                # (a run the stop cut off as it was made, before its id came back)
-                self.tracker.end_orphans(self.optuna.study_name, {number: TrialState.FAIL}, reason)
+                self.close_run(number, "FAIL", f"interrupted ({why}); re-queued for the next run", "KILLED")
             elif trial is not None:  # the stop came once its final state had reached the storage
                 self.close_run(trial.number, trial.state.name)
             self.tracker.end(self.parent_run_id, "KILLED")

@@ -688,19 +688,13 @@ STATEMENTS = {
 }
 
 
-def _stopped_in_a_statement(argv: list[str], cwd: str, out: str, which: str) -> None:
-    """The study command, signalled (SIGTERM) by a store's database where STATEMENTS[which] says."""
-    import sys
-
+def _signal_at(when: str, lands) -> None:
+    """SIGTERM to this process at the first database statement (of either store) that ``lands``
+    says, seen at the SQLAlchemy event ``when``."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from fmnist_sweep import errors
-    from fmnist_sweep.cli import main
-
-    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
-    errors.stop_on_signals()
-    seen, (when, lands) = [], STATEMENTS[which]
+    seen = []
 
     def signalled(conn, cursor, statement, parameters, context, executemany):
         statement = statement.lstrip().upper()
@@ -709,17 +703,34 @@ def _stopped_in_a_statement(argv: list[str], cwd: str, out: str, which: str) -> 
         seen.append(statement)
 
     event.listen(Engine, when, signalled)  # every engine of the process: both stores
+
+
+def _stop_in_a_statement(which: str) -> None:
+    """Where STATEMENTS[which] says."""
+    _signal_at(*STATEMENTS[which])
+
+
+def _command(argv: list[str], cwd: str, out: str, arrange, *more) -> None:
+    """The study command in this (forked) process, as `python -m fmnist_sweep` runs it, its output
+    in ``out`` and ``out``.err, after ``arrange(*more)`` has set up where a stop lands."""
+    import sys
+
+    from fmnist_sweep import cli, errors
+
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
+    errors.stop_on_signals()
+    arrange(*more)
     os.chdir(cwd)
-    os._exit(main(argv))
+    cli.leave(cli.main(argv))
 
 
-def _stopped_cleanly(target, argv: list[str], workdir, tmp_path, *more) -> None:
-    """Run ``target`` (a study command that signals itself) in a fork: exit 143, the one stop
-    line, no traceback."""
+def _stopped_cleanly(arrange, argv: list[str], workdir, tmp_path, *more) -> None:
+    """The study command in a fork, stopped where ``arrange(*more)`` sets it up to signal itself:
+    exit 143, the one stop line, no traceback."""
     from fmnist_sweep import forks
 
     out = tmp_path / "out"
-    proc = forks.context().Process(target=target, args=(argv, str(workdir), str(out), *more))
+    proc = forks.context().Process(target=_command, args=(argv, str(workdir), str(out), arrange, *more))
     proc.start()
     proc.join(120)
     text, err = out.read_text(), Path(str(out) + ".err").read_text()
@@ -735,7 +746,7 @@ def test_a_stop_signal_inside_a_database_statement_is_a_clean_stop(which, tiny_o
     """A stop that lands while MLflow makes or writes a run (its SQLite transaction open) or while
     Optuna reads for the pruner waits for that statement: one line, exit 143, no database error or
     traceback, no run left RUNNING."""
-    _stopped_cleanly(_stopped_in_a_statement, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"],
+    _stopped_cleanly(_stop_in_a_statement, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"],
                      workdir, tmp_path, which)
     _, runs = mlflow_runs(workdir, "mine")
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -778,20 +789,13 @@ def _signalled_while_another_thread_writes() -> None:
     os._exit(0)
 
 
-def _stopped_as_a_trial_is_created(argv: list[str], cwd: str, out: str) -> None:
-    """The study command, signalled (SIGTERM) just after Optuna's ask has committed the new
-    trial's row, before ask returns it: the moment between two trials."""
-    import sys
-
+def _stop_as_a_trial_is_created() -> None:
+    """SIGTERM just after Optuna's ask has committed the new trial's row, before ask returns it:
+    the moment between two trials."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
 
-    from fmnist_sweep import errors
-    from fmnist_sweep.cli import main
-
-    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
-    errors.stop_on_signals()
     created = []
 
     def seen(conn, cursor, statement, parameters, context, executemany):
@@ -804,20 +808,13 @@ def _stopped_as_a_trial_is_created(argv: list[str], cwd: str, out: str) -> None:
 
     event.listen(Engine, "after_cursor_execute", seen)
     event.listen(Session, "after_commit", committed)
-    os.chdir(cwd)
-    os._exit(main(argv))
 
 
-def _stopped_as_a_run_returns(argv: list[str], cwd: str, out: str) -> None:
-    """The study command, signalled (SIGTERM) as the first trial's run returns, finished, to the
-    objective: the stop lands before Optuna is told the trial's result."""
-    import sys
+def _stop_as_a_run_returns() -> None:
+    """SIGTERM as the first trial's run returns, finished, to the objective: before Optuna is
+    told the trial's result."""
+    from fmnist_sweep import record
 
-    from fmnist_sweep import errors, record
-    from fmnist_sweep.cli import main
-
-    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
-    errors.stop_on_signals()
     run = record.run
 
     def stopped_on_return(*args, **kwargs):
@@ -826,14 +823,12 @@ def _stopped_as_a_run_returns(argv: list[str], cwd: str, out: str) -> None:
         return result
 
     record.run = stopped_on_return
-    os.chdir(cwd)
-    os._exit(main(argv))
 
 
 def test_a_stop_as_a_finished_run_returns_ends_that_run_killed(tiny_overrides, workdir, tmp_path):
     """A trial whose run had finished when the stop came is re-queued (Optuna never got its
     result), so its run ends KILLED as interrupted, not FINISHED beside a failed trial."""
-    _stopped_cleanly(_stopped_as_a_run_returns, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides], workdir,
+    _stopped_cleanly(_stop_as_a_run_returns, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides], workdir,
                      tmp_path)
     first = trials(workdir, "mine")[0]
     assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
@@ -841,40 +836,25 @@ def test_a_stop_as_a_finished_run_returns_ends_that_run_killed(tiny_overrides, w
     assert run.info.status == "KILLED" and run.data.tags["fmnist.failure"].startswith("interrupted (SIGTERM)")
 
 
-def _stopped_beside_a_thread_that_never_ends(argv: list[str], cwd: str, out: str) -> None:
-    """The study command with a non-daemon thread that nothing ends (as Optuna's heartbeat thread
-    is when a stop lands as it starts), signalled (SIGTERM) at its first epoch's report; its exit
-    is the command's own (cli.leave)."""
-    import sys
+def _stop_beside_a_thread_that_never_ends() -> None:
+    """A non-daemon thread that nothing ends (as Optuna's heartbeat thread is when a stop lands
+    as it starts), then SIGTERM at the first epoch's report."""
     import threading
 
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    from fmnist_sweep import cli, errors
-
-    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(out + ".err", "w", buffering=1)
-    errors.stop_on_signals()
     threading.Thread(target=threading.Event().wait).start()
-
-    def reported(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    event.listen(Engine, "after_cursor_execute", reported)
-    os.chdir(cwd)
-    cli.leave(cli.main(argv))
+    _signal_at("after_cursor_execute", lambda statement, parameters, seen:
+               statement.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"))
 
 
 def test_a_stop_exits_though_a_library_thread_would_never_end(tiny_overrides, workdir, tmp_path):
-    _stopped_cleanly(_stopped_beside_a_thread_that_never_ends,
+    _stopped_cleanly(_stop_beside_a_thread_that_never_ends,
                      [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"], workdir, tmp_path)
 
 
 def test_a_stop_as_optunas_ask_creates_a_trial_re_queues_that_trial(tiny_overrides, workdir, tmp_path):
     """A stop that lands inside Optuna's ask, once the new trial is in the storage, waits for ask
     to hand the trial out: the trial is failed as interrupted and re-queued, none left RUNNING."""
-    _stopped_cleanly(_stopped_as_a_trial_is_created, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
+    _stopped_cleanly(_stop_as_a_trial_is_created, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
                      workdir, tmp_path)
     (first, again) = trials(workdir, "mine")
     assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
