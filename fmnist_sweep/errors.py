@@ -29,6 +29,7 @@ class Stopped(KeyboardInterrupt):
 _pending: int | None = None  # the stop signal taken, until raise_if_stopped raises it again
 _deferring = 0  # stops_deferred blocks in progress
 _owed: int | None = None  # a stop signal that arrived inside one, raised at its end
+_held = False  # a hold_stops span in progress (it counts as one stops_deferred block)
 
 
 def stop_on_signals() -> None:
@@ -82,6 +83,27 @@ def stops_deferred():
     finally:
         _deferring -= 1
     if not _deferring and _owed is not None:
+        signum, _owed = _owed, None
+        raise _stop(signum)
+
+
+def hold_stops() -> None:
+    """Defer stops from here until release_stops, as a stops_deferred block would: for a span that
+    begins in one function and ends in another, with a library's code between (Optuna's, from its
+    ask to the objective it calls). Main thread only, as stops_deferred."""
+    global _deferring, _held
+    if threading.current_thread() is threading.main_thread() and not _held:
+        _deferring, _held = _deferring + 1, True
+
+
+def release_stops(raise_owed: bool = True) -> None:
+    """End the hold_stops span, if one is in progress: a stop that arrived inside it is raised
+    here (``raise_owed``), or else by the next stops_deferred block or raise_if_stopped."""
+    global _deferring, _held, _owed
+    if not _held or threading.current_thread() is not threading.main_thread():
+        return
+    _deferring, _held = _deferring - 1, False
+    if raise_owed and not _deferring and _owed is not None:
         signum, _owed = _owed, None
         raise _stop(signum)
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from . import checkpoints, cores, hardware, record
 from .config import compose, config_fingerprint, flat_keys
-from .errors import StorageLost, stops_deferred
+from .errors import StorageLost, release_stops, stops_deferred
 from .recovery import Recovery
 from .storage import connection_errors
 from .sweep import Sweep
@@ -46,6 +46,7 @@ class Objective:
         """One trial: its values; a lost storage connection or a trial taken over by another
         worker is not the trial's failure (StorageLost: the worker re-queues it)."""
         try:
+            release_stops()  # a stop since Optuna's ask (WorkerStudy) is this trial's, raised here
             with self.cores.trial() if self.cores is not None else contextlib.nullcontext() as got:
                 if got:
                     trial.set_user_attr("cores", len(got))

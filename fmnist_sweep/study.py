@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from .config import compose
-from .errors import UserError, stop_behind, stop_name, stops_deferred
+from .errors import UserError, hold_stops, release_stops, stop_behind, stop_name, stops_deferred
 from .objective import Objective, TrialFailed
 from .recovery import Recovery
 from .storage import describe, make_storage, sqlite_path
@@ -59,8 +59,10 @@ def _base_overrides(overrides: list[str]) -> list[str]:
 
 class WorkerStudy(optuna.Study):
     """Optuna's study with an ask that a stop signal does not cut: the trial it makes (or takes
-    from the queue) reaches ``asked`` (the worker's recovery) before a stop that arrived meanwhile
-    is raised, so the trial is failed and re-queued at once instead of left running with no owner."""
+    from the queue) reaches ``asked`` (the worker's recovery), and a stop that arrives from then
+    until the objective's first line (Optuna starts the trial's heartbeat thread between) is raised
+    there (Objective: release_stops), so the trial is marked interrupted, failed and re-queued at
+    once, never left running with no owner or failed unmarked by Optuna's own handler."""
 
     def asked(self, trial: optuna.Trial) -> None:
         """Told each trial this process's ask hands out."""
@@ -69,6 +71,7 @@ class WorkerStudy(optuna.Study):
         with stops_deferred():
             trial = super().ask(fixed_distributions)
             self.asked(trial)
+            hold_stops()
         return trial
 
 
@@ -152,6 +155,7 @@ class Study:
             except UserError:
                 raise
             except (Exception, KeyboardInterrupt) as e:
+                release_stops(raise_owed=False)  # (Optuna's code between ask and the objective raised)
                 if (stop := stop_behind(e)) is not None:
                     self.recovery.interrupted(stop_name(stop))
                     raise stop from None

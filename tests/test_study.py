@@ -862,6 +862,31 @@ def test_a_stop_as_optunas_ask_creates_a_trial_re_queues_that_trial(tiny_overrid
     assert not [r for r in mlflow_runs(workdir, "mine")[1] if "optuna.trial_number" in r.data.tags]
 
 
+def _stop_as_the_objective_is_called() -> None:
+    """SIGTERM as Optuna calls the objective with the first trial: raised inside Optuna's own
+    try block, before the objective's (the signal is taken at the call's first instruction)."""
+    from fmnist_sweep.objective import Objective
+
+    call = Objective.__call__
+
+    def stopped_on_call(self, trial):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return call(self, trial)
+
+    Objective.__call__ = stopped_on_call
+
+
+def test_a_stop_as_the_objective_is_called_marks_the_trial_interrupted(tiny_overrides, workdir, tmp_path):
+    """A stop between Optuna's ask and the objective's first line is the objective's: the trial
+    is failed as interrupted (not as a failure) and re-queued."""
+    _stopped_cleanly(_stop_as_the_objective_is_called, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
+                     workdir, tmp_path)
+    (first, again) = trials(workdir, "mine")
+    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number, (
+        first.user_attrs)
+    assert again.state == TrialState.WAITING and again.params == first.params
+
+
 def test_a_stop_while_another_thread_writes_stops_the_main_thread():
     from fmnist_sweep import forks
 
