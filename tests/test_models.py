@@ -209,6 +209,26 @@ def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, mon
         assert fast(x)[0].dtype == ref(x)[0].dtype
 
 
+def test_fast_rnn_with_onednn_products_trains_under_torch_compile(monkeypatch):
+    """trainer.compile with the SimpleRNN where its products go through oneDNN (AMD family 26):
+    the compiled layer trains with torch's BLAS products (Inductor cannot lower oneDNN's linear
+    for weights being trained), with nn.RNN's outputs and gradients."""
+    from fmnist_sweep.models import RNN
+    from fmnist_sweep.models.fast import elman
+
+    monkeypatch.setattr(elman, "_gemm_backend", lambda: "onednn")
+    torch.manual_seed(0)
+    ref = torch.nn.RNN(8, 8, batch_first=True)
+    fast = RNN(8, 8, batch_first=True)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 8, requires_grad=True)  # two steps: the smallest sequence the fast path takes
+    (y_ref, _), (y, _) = ref(x), torch.compile(fast)(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(y_ref.square().sum(), [x, *ref.parameters()]),
+                    torch.autograd.grad(y.square().sum(), [x, *fast.parameters()])):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("vendor, family, backend", [("GenuineIntel", 6, "blas"), ("AuthenticAMD", 25, "blas"),
                                                      ("AuthenticAMD", 26, "onednn")])
 def test_fast_rnn_picks_onednn_on_amd_family_26_and_mkl_elsewhere(tmp_path, vendor, family, backend):

@@ -60,6 +60,9 @@ class _Elman(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, nonlinearity, backend):
+        # Under torch.compile (Dynamo runs RNN.forward eagerly and compiles this frame), torch's
+        # BLAS products: Inductor lowers oneDNN's linear for constant (frozen) weights only.
+        backend = "blas" if torch.compiler.is_compiling() else backend
         linear, recurrence = _gemm_ops(backend)
         step = recurrence(w_hh.t())  # h_t = act(x_t w_ih^T + b + h_{t-1} w_hh^T)
         n, steps, _ = x.shape
@@ -109,7 +112,7 @@ class RNN(nn.RNN):
     """nn.RNN whose one-layer, batch-first fp32 case on a CPU runs as _Elman: the input
     projection of all steps as one product, the recurrence accumulated in place, a
     hand-written backward pass with the weight gradients of all steps as one product
-    each; products through MKL, or oneDNN where _gemm_backend picks it. Same
+    each; products through MKL, or oneDNN where _gemm_backend picks it (not under torch.compile). Same
     function and gradients as nn.RNN; everything else (bf16 autocast, stacked or
     bidirectional layers, an initial state, an untested torch release) is torch's own."""
 
