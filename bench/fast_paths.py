@@ -18,7 +18,7 @@ import argparse
 import os
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from hydra.utils import instantiate
@@ -28,6 +28,7 @@ from fmnist_sweep.config import compose
 from fmnist_sweep.data import Split
 from fmnist_sweep.hardware import compile_for_training, keep_freed_memory, select_precision, threads_for
 from fmnist_sweep.models import fast
+from fmnist_sweep.models.fast import elman
 from fmnist_sweep.train import make_optimizer, train_epoch
 
 BATCH = {"cnn": 100, "rnn": 65, "autoencoder": 100}
@@ -65,18 +66,33 @@ def rate(name: str, split: Split, precision: str, built) -> float:
     return len(split) / (time.perf_counter() - t)
 
 
+@contextmanager
+def blas_products(on: bool):
+    """The SimpleRNN's recurrence with torch's BLAS products (where ``on``), whatever the CPU."""
+    chosen = elman._gemm_backend
+    if on:
+        elman._gemm_backend = lambda: "blas"
+    try:
+        yield
+    finally:
+        elman._gemm_backend = chosen
+
+
 def row(name: str, split: Split, precision: str, windows: int, with_compile: bool) -> None:
-    """One family: all paths on, each of its paths off, compiled; medians over interleaved windows."""
-    variants = {"all on": build(name)} | {f"{p} off": build(name, off=p) for p in PATHS[name]}
+    """One family: all paths on, each of its paths off, compiled; medians over interleaved windows.
+    The rnn on a CPU whose recurrence takes oneDNN's products: also with BLAS's (onednn_products off)."""
+    paths = PATHS[name] + (["onednn_products"] if name == "rnn" and elman._gemm_backend() == "onednn" else [])
+    variants = {"all on": build(name)} | {f"{p} off": build(name, off=p) for p in paths}
     if with_compile:
         variants["compiled"] = build(name, compile_mode="default")
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(windows):
         for k, built in variants.items():
-            rates[k].append(rate(name, split, precision, built))
+            with blas_products(k == "onednn_products off"):
+                rates[k].append(rate(name, split, precision, built))
     m = {k: statistics.median(v) for k, v in rates.items()}
     on = m["all on"]
-    gains = "  ".join(f"{p} {on / m[f'{p} off']:.2f}x" for p in PATHS[name])
+    gains = "  ".join(f"{p} {on / m[f'{p} off']:.2f}x" for p in paths)
     compiled = f"  compiled {m['compiled']:,.0f} ({m['compiled'] / on:.2f}x of all on)" if with_compile else ""
     print(f"{name:<12} {precision:<5} all on {on:>7,.0f} img/s | gain of each path (on / off): {gains}{compiled}",
           flush=True)
