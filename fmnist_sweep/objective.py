@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from . import checkpoints, cores, hardware, record
 from .config import compose, config_fingerprint, flat_keys
-from .errors import StorageLost, release_stops, stops_deferred
+from .errors import release_stops, stop_behind, stops_deferred
 from .recovery import Recovery
 from .storage import connection_errors
 from .sweep import Sweep
@@ -44,20 +44,21 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial):
         """One trial: its values; a lost storage connection or a trial taken over by another
-        worker is not the trial's failure (StorageLost: the worker re-queues it)."""
+        worker is not the trial's failure (StorageLost: the worker re-queues it), and a stop
+        (or an error raised as one unwound) marks the trial interrupted."""
         try:
             release_stops()  # a stop since Optuna's ask (WorkerStudy) is this trial's, raised here
             with self.cores.trial() if self.cores is not None else contextlib.nullcontext() as got:
                 if got:
                     trial.set_user_attr("cores", len(got))
                 return self._trial(trial)
-        except StorageLost:
+        except BaseException as e:
+            if stop_behind(e) is not None:  # a stop, or an error raised as a stop unwound: the stop's
+                self.recovery.stopping()
+                raise
+            if isinstance(e, (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError)):
+                raise self.recovery.lost(trial.number, e) from e
             raise
-        except KeyboardInterrupt:
-            self.recovery.stopping()
-            raise
-        except (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError) as e:
-            raise self.recovery.lost(trial.number, e) from e
 
     def _trial(self, trial: optuna.Trial):
         """Suggest, compose and train (or reuse a twin's result); the trial's objective values."""

@@ -887,6 +887,35 @@ def test_a_stop_as_the_objective_is_called_marks_the_trial_interrupted(tiny_over
     assert again.state == TrialState.WAITING and again.params == first.params
 
 
+def _stop_whose_record_fails() -> None:
+    """SIGTERM at the first epoch's report, and the store refusing the stopped run's KILLED end
+    once: an error raised as the stop unwinds, with the stop behind it."""
+    from fmnist_sweep.tracking import Tracker
+
+    end, refused = Tracker.end, []
+
+    def end_once_refused(self, run_id, status):
+        if status == "KILLED" and not refused:
+            refused.append(run_id)
+            raise RuntimeError("the tracking store refused the write")
+        return end(self, run_id, status)
+
+    Tracker.end = end_once_refused
+    _signal_at("after_cursor_execute", lambda statement, parameters, seen:
+               statement.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"))
+
+
+def test_an_error_raised_as_a_stop_unwinds_still_marks_the_trial_interrupted(tiny_overrides, workdir, tmp_path):
+    """A stopped trial whose clean-up meets another error (its run's record refused) is still the
+    stop's: failed as interrupted and re-queued, not counted as a failure."""
+    _stopped_cleanly(_stop_whose_record_fails, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"],
+                     workdir, tmp_path)
+    (first, again) = trials(workdir, "mine")
+    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number, (
+        first.user_attrs)
+    assert again.state == TrialState.WAITING and again.params == first.params
+
+
 def test_a_stop_while_another_thread_writes_stops_the_main_thread():
     from fmnist_sweep import forks
 
