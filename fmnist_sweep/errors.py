@@ -73,7 +73,7 @@ def stops_deferred():
     the exception unwinds, and the process's own closing writes (its run marked KILLED) wait
     on that file's lock. Only the main thread's blocks defer: signal handlers run in it alone, and
     a stop owed to another thread's block would end that thread instead."""
-    global _deferring, _owed
+    global _deferring
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -82,9 +82,7 @@ def stops_deferred():
         yield
     finally:
         _deferring -= 1
-    if not _deferring and _owed is not None:
-        signum, _owed = _owed, None
-        raise _stop(signum)
+    _raise_owed()
 
 
 def hold_stops() -> None:
@@ -99,11 +97,18 @@ def hold_stops() -> None:
 def release_stops(raise_owed: bool = True) -> None:
     """End the hold_stops span, if one is in progress: a stop that arrived inside it is raised
     here (``raise_owed``), or else by the next stops_deferred block or raise_if_stopped."""
-    global _deferring, _held, _owed
+    global _deferring, _held
     if not _held or threading.current_thread() is not threading.main_thread():
         return
     _deferring, _held = _deferring - 1, False
-    if raise_owed and not _deferring and _owed is not None:
+    if raise_owed:
+        _raise_owed()
+
+
+def _raise_owed() -> None:
+    """Raise the stop owed to the deferring blocks and spans, once none is left in progress."""
+    global _owed
+    if not _deferring and _owed is not None:
         signum, _owed = _owed, None
         raise _stop(signum)
 

@@ -810,19 +810,41 @@ def _stop_as_a_trial_is_created() -> None:
     event.listen(Session, "after_commit", committed)
 
 
+def _sigterm_around(owner, name: str, after: bool) -> None:
+    """SIGTERM to this process as ``owner.name`` is called (``after``: as it returns)."""
+    call = getattr(owner, name)
+
+    def signalled(*args, **kwargs):
+        if not after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        result = call(*args, **kwargs)
+        if after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    setattr(owner, name, signalled)
+
+
 def _stop_as_a_run_returns() -> None:
     """SIGTERM as the first trial's run returns, finished, to the objective: before Optuna is
     told the trial's result."""
     from fmnist_sweep import record
 
-    run = record.run
+    _sigterm_around(record, "run", after=True)
 
-    def stopped_on_return(*args, **kwargs):
-        result = run(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return result
 
-    record.run = stopped_on_return
+def _stop_at_the_first_report() -> None:
+    """SIGTERM as the first epoch's report reaches the study."""
+    _signal_at("after_cursor_execute", lambda statement, parameters, seen:
+               statement.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"))
+
+
+def _interrupted_and_re_queued(workdir) -> None:
+    """The study's two trials: the first failed as interrupted, its WAITING copy with its parameters."""
+    (first, again) = trials(workdir, "mine")
+    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number, (
+        first.user_attrs)
+    assert again.state == TrialState.WAITING and again.params == first.params
 
 
 def test_a_stop_as_a_finished_run_returns_ends_that_run_killed(tiny_overrides, workdir, tmp_path):
@@ -842,8 +864,7 @@ def _stop_beside_a_thread_that_never_ends() -> None:
     import threading
 
     threading.Thread(target=threading.Event().wait).start()
-    _signal_at("after_cursor_execute", lambda statement, parameters, seen:
-               statement.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"))
+    _stop_at_the_first_report()
 
 
 def test_a_stop_exits_though_a_library_thread_would_never_end(tiny_overrides, workdir, tmp_path):
@@ -856,9 +877,7 @@ def test_a_stop_as_optunas_ask_creates_a_trial_re_queues_that_trial(tiny_overrid
     to hand the trial out: the trial is failed as interrupted and re-queued, none left RUNNING."""
     _stopped_cleanly(_stop_as_a_trial_is_created, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
                      workdir, tmp_path)
-    (first, again) = trials(workdir, "mine")
-    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number
-    assert again.state == TrialState.WAITING
+    _interrupted_and_re_queued(workdir)
     assert not [r for r in mlflow_runs(workdir, "mine")[1] if "optuna.trial_number" in r.data.tags]
 
 
@@ -867,13 +886,7 @@ def _stop_as_the_objective_is_called() -> None:
     try block, before the objective's (the signal is taken at the call's first instruction)."""
     from fmnist_sweep.objective import Objective
 
-    call = Objective.__call__
-
-    def stopped_on_call(self, trial):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return call(self, trial)
-
-    Objective.__call__ = stopped_on_call
+    _sigterm_around(Objective, "__call__", after=False)
 
 
 def test_a_stop_as_the_objective_is_called_marks_the_trial_interrupted(tiny_overrides, workdir, tmp_path):
@@ -881,10 +894,7 @@ def test_a_stop_as_the_objective_is_called_marks_the_trial_interrupted(tiny_over
     is failed as interrupted (not as a failure) and re-queued."""
     _stopped_cleanly(_stop_as_the_objective_is_called, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
                      workdir, tmp_path)
-    (first, again) = trials(workdir, "mine")
-    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number, (
-        first.user_attrs)
-    assert again.state == TrialState.WAITING and again.params == first.params
+    _interrupted_and_re_queued(workdir)
 
 
 def _stop_whose_record_fails() -> None:
@@ -901,8 +911,7 @@ def _stop_whose_record_fails() -> None:
         return end(self, run_id, status)
 
     Tracker.end = end_once_refused
-    _signal_at("after_cursor_execute", lambda statement, parameters, seen:
-               statement.startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"))
+    _stop_at_the_first_report()
 
 
 def test_an_error_raised_as_a_stop_unwinds_still_marks_the_trial_interrupted(tiny_overrides, workdir, tmp_path):
@@ -910,10 +919,7 @@ def test_an_error_raised_as_a_stop_unwinds_still_marks_the_trial_interrupted(tin
     stop's: failed as interrupted and re-queued, not counted as a failure."""
     _stopped_cleanly(_stop_whose_record_fails, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides, "trainer.epochs=3"],
                      workdir, tmp_path)
-    (first, again) = trials(workdir, "mine")
-    assert first.state == TrialState.FAIL and first.user_attrs.get("fmnist.interrupted") == first.number, (
-        first.user_attrs)
-    assert again.state == TrialState.WAITING and again.params == first.params
+    _interrupted_and_re_queued(workdir)
 
 
 def test_a_stop_while_another_thread_writes_stops_the_main_thread():
