@@ -187,7 +187,14 @@ def _serialize_sqlite(engine) -> None:
     Python's sqlite3 starts a transaction only at its first write, so Optuna's
     read-check-write of a WAITING trial (an enqueued configuration, a retry) would not be
     atomic across processes: two workers could both take the same trial. PostgreSQL locks
-    the row (SELECT ... FOR UPDATE) and needs none of this."""
+    the row (SELECT ... FOR UPDATE) and needs none of this.
+
+    A stop signal raised inside SQLAlchemy's execution of a statement (or its fetch) is not a lost
+    connection: the statement's cursor is closed and its transaction rolled back as for any error.
+    SQLAlchemy would close such a connection with the statement unfinished instead, and SQLite keeps
+    a connection closed so open, write lock and all, while the stop's traceback holds the statement:
+    the same process's next write (its trial's interrupted mark) would wait on itself for the busy
+    timeout."""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
@@ -199,6 +206,11 @@ def _serialize_sqlite(engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin_immediate(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "handle_error")
+    def _a_stop_is_not_a_disconnect(context):
+        if isinstance(context.original_exception, KeyboardInterrupt):
+            context.is_disconnect = False
 
     engine.dispose()  # connections made before the listeners existed
 

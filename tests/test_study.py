@@ -922,6 +922,27 @@ def test_an_error_raised_as_a_stop_unwinds_still_marks_the_trial_interrupted(tin
     _interrupted_and_re_queued(workdir)
 
 
+def _stop_in_a_read_inside_a_write() -> None:
+    """SIGTERM as Optuna has read the first trial to write the objective's first attribute: the
+    row not yet fetched, inside the write's SQLite transaction (its write lock taken)."""
+    import threading
+    import traceback
+
+    def lands(statement, parameters, seen):
+        return (statement.startswith("SELECT") and threading.current_thread() is threading.main_thread()
+                and any(f.name == "set_trial_user_attr" for f in traceback.extract_stack()))
+
+    _signal_at("after_cursor_execute", lands)
+
+
+def test_a_stop_inside_a_read_leaves_no_write_lock_behind(tiny_overrides, workdir, tmp_path):
+    """The stopped process's own closing writes (the trial marked interrupted) do not wait on the
+    transaction the stop cut, which SQLAlchemy gives up on: a clean stop, not a busy timeout."""
+    _stopped_cleanly(_stop_in_a_read_inside_a_write, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
+                     workdir, tmp_path)
+    _interrupted_and_re_queued(workdir)
+
+
 def test_a_stop_while_another_thread_writes_stops_the_main_thread():
     from fmnist_sweep import forks
 
