@@ -191,10 +191,10 @@ def _serialize_sqlite(engine) -> None:
 
     A stop signal raised inside SQLAlchemy's execution of a statement (or its fetch) is not a lost
     connection: the statement's cursor is closed and its transaction rolled back as for any error.
-    SQLAlchemy would close such a connection with the statement unfinished instead, and SQLite keeps
-    a connection closed so open, write lock and all, while the stop's traceback holds the statement:
-    the same process's next write (its trial's interrupted mark) would wait on itself for the busy
-    timeout."""
+    (By default SQLAlchemy takes a stop there for a lost connection and closes it with the statement
+    unfinished; SQLite keeps a connection closed so open, write lock and all, while the stop's
+    traceback holds the statement, and the same process's next write, its trial's interrupted mark,
+    waits on itself for the busy timeout.)"""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
