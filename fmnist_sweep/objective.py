@@ -53,7 +53,7 @@ class Objective:
                     trial.set_user_attr("cores", len(got))
                 return self._trial(trial)
         except BaseException as e:
-            if stop_behind(e) is not None:  # a stop, or an error raised as a stop unwound: the stop's
+            if stop_behind(e) is not None:  # a stop, or an error raised as a stop unwound: both the stop's
                 self.recovery.stopping()
                 raise
             if isinstance(e, (*connection_errors(), optuna.exceptions.UpdateFinishedTrialError)):

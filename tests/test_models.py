@@ -174,20 +174,26 @@ def test_autoencoder_pools_before_relu_with_the_same_function():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+def _rnn_twins(monkeypatch, backend: str, inputs: int, hidden: int, **kwargs):
+    """nn.RNN and our RNN with the same weights, our products through ``backend`` ("blas", "onednn")."""
+    from fmnist_sweep.models import RNN
+    from fmnist_sweep.models.fast import elman
+
+    monkeypatch.setattr(elman, "_gemm_backend", lambda: backend)
+    torch.manual_seed(0)
+    ref = torch.nn.RNN(inputs, hidden, batch_first=True, **kwargs)
+    fast = RNN(inputs, hidden, batch_first=True, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
 @pytest.mark.parametrize("backend", ["blas", "onednn"])
 @pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
 def test_fast_rnn_matches_torch_outputs_and_gradients(nonlinearity, backend, monkeypatch):
     """The SimpleRNN's layer: its products through torch's BLAS or oneDNN and a hand-written backward, the same sequence, final state and gradients
     (input, both weights, both biases) as nn.RNN, leaving the incoming gradient as it
     was; with an initial state or under bf16 autocast it is torch's own."""
-    from fmnist_sweep.models import RNN
-    from fmnist_sweep.models.fast import elman
-
-    monkeypatch.setattr(elman, "_gemm_backend", lambda: backend)
-    torch.manual_seed(0)
-    ref = torch.nn.RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
-    fast = RNN(28, 32, nonlinearity=nonlinearity, batch_first=True)
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _rnn_twins(monkeypatch, backend, 28, 32, nonlinearity=nonlinearity)
     x = torch.randn(7, 28, 28, requires_grad=True)
     (y_ref, h_ref), (y, h) = ref(x), fast(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -213,14 +219,7 @@ def test_fast_rnn_with_onednn_products_trains_under_torch_compile(monkeypatch):
     """trainer.compile with the SimpleRNN where its products go through oneDNN (AMD family 26):
     the compiled layer trains with torch's BLAS products (Inductor cannot lower oneDNN's linear
     for weights being trained), with nn.RNN's outputs and gradients."""
-    from fmnist_sweep.models import RNN
-    from fmnist_sweep.models.fast import elman
-
-    monkeypatch.setattr(elman, "_gemm_backend", lambda: "onednn")
-    torch.manual_seed(0)
-    ref = torch.nn.RNN(8, 8, batch_first=True)
-    fast = RNN(8, 8, batch_first=True)
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _rnn_twins(monkeypatch, "onednn", 8, 8)
     x = torch.randn(4, 2, 8, requires_grad=True)  # two steps: the smallest sequence the fast path takes
     (y_ref, _), (y, _) = ref(x), torch.compile(fast)(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)

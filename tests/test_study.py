@@ -928,16 +928,16 @@ def _stop_in_a_read_inside_a_write() -> None:
     import threading
     import traceback
 
-    def lands(statement, parameters, seen):
+    def lands(statement, parameters, seen):  # (frames walked, not formatted: no source read per statement)
         return (statement.startswith("SELECT") and threading.current_thread() is threading.main_thread()
-                and any(f.name == "set_trial_user_attr" for f in traceback.extract_stack()))
+                and any(f.f_code.co_name == "set_trial_user_attr" for f, _ in traceback.walk_stack(None)))
 
     _signal_at("after_cursor_execute", lands)
 
 
 def test_a_stop_inside_a_read_leaves_no_write_lock_behind(tiny_overrides, workdir, tmp_path):
     """The stopped process's own closing writes (the trial marked interrupted) do not wait on the
-    transaction the stop cut, which SQLAlchemy gives up on: a clean stop, not a busy timeout."""
+    write lock of the transaction the stop cut: a clean stop, not a busy timeout."""
     _stopped_cleanly(_stop_in_a_read_inside_a_write, [f"sweep={lr_sweep(tmp_path, 2)}", *tiny_overrides],
                      workdir, tmp_path)
     _interrupted_and_re_queued(workdir)
